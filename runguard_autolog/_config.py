@@ -1,0 +1,161 @@
+"""Limits: one table of keywords drives defaults, ``RUNGUARD_*`` variables and validation.
+
+Precedence: explicit keyword > environment variable > built-in default.
+``None`` means "not given here"; ``math.inf`` or the string ``"none"``/``"off"``
+lifts a limit. A malformed value is a :class:`RunGuardConfigError` naming the
+keyword or variable and the value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from ._errors import RunGuardConfigError
+
+INF = math.inf
+
+# name -> (kind, default). kinds: "count" int >= 0, "count1" int >= 1, "count2" int >= 2,
+# "amount" float >= 0, "fraction" float in (0, 1].
+LIMITS: dict[str, tuple[str, float]] = {
+    "max_calls": ("count", 50),
+    "max_input_tokens": ("count", 500_000),
+    "max_output_tokens": ("count", 100_000),
+    "max_total_tokens": ("count", INF),
+    "max_cost_usd": ("amount", INF),
+    "max_requests": ("count", INF),
+    "max_consecutive_429s": ("count1", 5),
+    "max_request_latency_s": ("amount", INF),
+    "max_artifact_writes": ("count", 20),
+    "max_artifact_bytes": ("count", 10 * 1024 * 1024),
+    "max_eval_llm_calls": ("count", 500),
+    "loop_repeats": ("count2", 3),
+    "loop_identical_requests": ("count2", INF),
+    "max_context_fraction": ("fraction", 0.95),
+}
+ON_TRIP_CHOICES = ("raise", "warn")
+_OFF_WORDS = ("none", "off")
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("", "0", "false", "no", "off")
+
+
+def env_name(keyword: str) -> str:
+    return "RUNGUARD_" + keyword.upper()
+
+
+def _bad(where: str, value: Any, why: str) -> RunGuardConfigError:
+    return RunGuardConfigError(f"runguard: {where}={value!r} is not valid: {why}")
+
+
+def _check_number(kind: str, number: float, where: str, raw: Any) -> float:
+    if math.isnan(number):
+        raise _bad(where, raw, "not a number")
+    if number == INF:
+        return INF
+    if math.isinf(number):
+        raise _bad(where, raw, "must be a finite non-negative number (use 'none' to lift the limit)")
+    if kind.startswith("count"):
+        if number != int(number):
+            raise _bad(where, raw, "must be a whole number")
+        number = int(number)
+        least = {"count": 0, "count1": 1, "count2": 2}[kind]
+        if number < least:
+            raise _bad(where, raw, f"must be a whole number >= {least} (or 'none')")
+        return number
+    if kind == "fraction":
+        if not 0 < number <= 1:
+            raise _bad(where, raw, "must be a fraction in (0, 1] (or 'none')")
+        return float(number)
+    if number < 0:
+        raise _bad(where, raw, "must be a non-negative number (or 'none')")
+    return float(number)
+
+
+def parse_keyword(name: str, value: Any) -> float:
+    """Validate a limit given in code (``None`` is handled by the caller)."""
+    kind, _ = LIMITS[name]
+    if isinstance(value, str):
+        if value.strip().lower() in _OFF_WORDS:
+            return INF
+        raise _bad(name, value, "pass a number, math.inf or 'none'")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(name, value, "pass a number, math.inf or 'none'")
+    return _check_number(kind, float(value) if isinstance(value, float) else value, name, value)
+
+
+def parse_env_value(name: str, raw: str) -> float:
+    """Parse the text of ``RUNGUARD_<NAME>``; '1e999', 'abc', '-3' are errors."""
+    kind, _ = LIMITS[name]
+    where = env_name(name)
+    text = raw.strip().lower()
+    if text in _OFF_WORDS:
+        return INF
+    try:
+        number: float = int(text) if kind.startswith("count") else float(text)
+    except ValueError:
+        raise _bad(where, raw, "not a number (use 'none' or 'off' to lift the limit)") from None
+    if isinstance(number, float) and math.isinf(number):
+        raise _bad(where, raw, "must be finite (use 'none' or 'off' to lift the limit)")
+    return _check_number(kind, number, where, raw)
+
+
+def parse_on_trip(value: Any, where: str = "on_trip") -> "str | Callable[..., Any]":
+    if callable(value):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ON_TRIP_CHOICES:
+        return value.strip().lower()
+    raise _bad(where, value, "use 'raise', 'warn' or a callable")
+
+
+def env_flag(variable: str, environ: Mapping[str, str] | None = None) -> bool:
+    raw = (os.environ if environ is None else environ).get(variable)
+    if raw is None:
+        return False
+    text = raw.strip().lower()
+    if text in _TRUE_WORDS:
+        return True
+    if text in _FALSE_WORDS:
+        return False
+    raise _bad(variable, raw, "use 1/true/yes/on or 0/false/no/off")
+
+
+@dataclass(frozen=True)
+class Setting:
+    value: Any
+    source: str  # "keyword" | "environment" | "default"
+
+
+def resolve(keywords: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> dict[str, Setting]:
+    """Every limit plus ``on_trip`` with where its value came from."""
+    environ = os.environ if environ is None else environ
+    settings: dict[str, Setting] = {}
+    for name, (_, default) in LIMITS.items():
+        given = keywords.get(name)
+        if given is not None:
+            settings[name] = Setting(parse_keyword(name, given), "keyword")
+        elif env_name(name) in environ:
+            settings[name] = Setting(parse_env_value(name, environ[env_name(name)]), "environment")
+        else:
+            settings[name] = Setting(default, "default")
+    if keywords.get("on_trip") is not None:
+        settings["on_trip"] = Setting(parse_on_trip(keywords["on_trip"]), "keyword")
+    elif "RUNGUARD_ON_TRIP" in environ:
+        settings["on_trip"] = Setting(parse_on_trip(environ["RUNGUARD_ON_TRIP"], "RUNGUARD_ON_TRIP"), "environment")
+    else:
+        settings["on_trip"] = Setting("raise", "default")
+    return settings
+
+
+def explicit_limits(keywords: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the limits a session was given in code (its own, enforced even when outer)."""
+    unknown = set(keywords) - set(LIMITS) - {"on_trip"}
+    if unknown:
+        raise RunGuardConfigError(f"runguard: unknown limit keyword(s): {', '.join(sorted(unknown))}")
+    limits: dict[str, Any] = {}
+    for name, value in keywords.items():
+        if value is None:
+            continue
+        limits[name] = parse_on_trip(value) if name == "on_trip" else parse_keyword(name, value)
+    return limits

@@ -1,0 +1,73 @@
+"""Exceptions raised by runguard.
+
+::
+
+    RuntimeError
+     └── RunGuardTripped        a breaker refused a call (the only exception raised by design)
+    ValueError
+     └── RunGuardConfigError    a keyword or RUNGUARD_* variable holds a bad value
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["RunGuardTripped", "RunGuardConfigError"]
+
+
+class RunGuardTripped(RuntimeError):
+    """A guard refused an LLM call before it was sent (or cut a stream mid-flight).
+
+    Attributes:
+        reason: a human sentence, e.g. ``"call ceiling hit (50/50)"``.
+        limit: the keyword that tripped, e.g. ``"max_calls"``.
+        threshold: the limit's value.
+        observed: the value that reached or would cross it.
+        scope: ``"session:<name>"``, ``"run:<run_id>"``, ``"process"`` or ``"shared:<name>"``.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        limit: str,
+        threshold: Any,
+        observed: Any,
+        scope: str,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        self.reason = reason
+        self.limit = limit
+        self.threshold = threshold
+        self.observed = observed
+        self.scope = scope
+        self.details = dict(details or {})
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return (
+            f"runguard: {self.reason} in scope {self.scope}. The call was not sent. "
+            f"Raise the limit with runguard.autolog({self.limit}=...) or "
+            f"RUNGUARD_{self.limit.upper()}=..., open a new runguard.session(), "
+            f"or call runguard.reset() to close the circuit."
+        )
+
+    def __reduce__(self):  # keep the keyword-only fields across pickling (multiprocessing)
+        return (
+            _rebuild_trip,
+            (self.reason, self.limit, self.threshold, self.observed, self.scope, self.details),
+        )
+
+
+def _rebuild_trip(reason, limit, threshold, observed, scope, details):
+    return RunGuardTripped(
+        reason, limit=limit, threshold=threshold, observed=observed, scope=scope, details=details
+    )
+
+
+class RunGuardConfigError(ValueError):
+    """A limit or option has a value runguard cannot use; the message names it and the value."""
+
+
+for _cls in (RunGuardTripped, RunGuardConfigError):
+    _cls.__module__ = "runguard_autolog"

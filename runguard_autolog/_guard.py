@@ -1,0 +1,199 @@
+"""The one guarded-call driver every LLM patch goes through.
+
+NB: BE CAREFUL HERE. This runs on the user's hot path around every billed call.
+Rules it keeps:
+- The only exception it originates is ``RunGuardTripped``. Any other failure inside
+  runguard degrades to the unguarded call, which is called exactly once, and is
+  logged once (strict mode, for tests, re-raises instead).
+- Exceptions of the SDK call itself propagate unchanged.
+- A call whose result the user has paid for is never turned into an exception
+  (a stream cut mid-flight is the one exception).
+- No I/O and one lock per call; MLflow writes are handed to a background worker.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+from . import _recording
+from ._errors import RunGuardTripped
+from ._runtime import RUNTIME, internal_error, log_once
+from ._scopes import charges_for, open_scopes
+from .pricing import rates_for
+
+# The call in flight in this context: a nested patched call (stacked patches, a
+# LangChain model over the openai SDK) passes straight through, so it counts once.
+IN_CALL: contextvars.ContextVar["Call | None"] = contextvars.ContextVar("runguard_in_call", default=None)
+
+
+class Call:
+    """One admitted call: what was reserved, and how to price and settle it."""
+
+    __slots__ = ("endpoint", "model", "rates", "prompt", "cap", "reservation", "scopes", "on_trip", "settled_usage")
+
+    def __init__(self, endpoint, model, rates, prompt, cap, reservation, scopes, on_trip):
+        self.endpoint = endpoint
+        self.model = model
+        self.rates = rates
+        self.prompt = prompt
+        self.cap = cap
+        self.reservation = reservation
+        self.scopes = scopes
+        self.on_trip = on_trip
+        self.settled_usage = None
+
+    def amounts(self, input_tokens: float, output_tokens: float, cached: float = 0) -> tuple:
+        rates = self.rates
+        cost = rates.cost(input_tokens, output_tokens, cached) if rates is not None else 0.0
+        return (1, 1, input_tokens, output_tokens, input_tokens + output_tokens, cost)
+
+
+def trip_exception(trip) -> RunGuardTripped:
+    return RunGuardTripped(
+        trip.reason, limit=trip.limit, threshold=trip.threshold, observed=trip.observed, scope=trip.scope
+    )
+
+
+def admit(endpoint, instance: Any, args: tuple, kwargs: dict) -> Call:
+    """Reserve this call in every open scope, or raise ``RunGuardTripped`` before it is sent."""
+    scopes = open_scopes()
+    charges = charges_for(scopes)
+    model, prompt, cap = endpoint.forecast(instance, args, kwargs)
+    rates = rates_for(model)
+    cost = rates.cost(prompt, cap) if rates is not None else 0.0
+    forecast = (1, 1, prompt, cap, prompt + cap, cost)
+    on_trip = scopes[-1].effective()[0]["on_trip"]
+    reservation, refusal = RUNTIME.store.reserve(charges, forecast, enforce=on_trip == "raise")
+    call = Call(endpoint, model, rates, prompt, cap, reservation, scopes, on_trip)
+    if refusal is not None:
+        refuse(call, refusal.trip, newly=refusal.new, target=endpoint.name)
+    return call
+
+
+def refuse(call: Call, trip, newly: bool, target: str) -> None:
+    """Record a refusal, then apply the on_trip policy: raise, warn, or ask the callable."""
+    error = trip_exception(trip)
+    _recording.refused(error, trip, newly=newly, target=target)
+    policy = call.on_trip
+    if policy == "raise":
+        raise error
+    if policy == "warn":
+        log_once(("warn", trip.scope, trip.limit), "runguard (shadow mode): would refuse %s: %s", target, error)
+        return
+    try:
+        policy(error)
+    except BaseException:
+        if call.reservation is not None:
+            RUNTIME.store.release(call.reservation)
+        raise
+
+
+def settle(call: Call, usage: tuple | None) -> None:
+    """Charge the actual usage (or, lacking it, the forecast) and trip scopes that reached a limit."""
+    if usage is None:
+        log_once(
+            ("no-usage", call.endpoint.name),
+            "runguard: %s returned no usage; the call is charged its forecast instead",
+            call.endpoint.name,
+        )
+        amounts = call.amounts(call.prompt, call.cap)
+    else:
+        amounts = call.amounts(*usage)
+    call.settled_usage = amounts
+    for scope, trip in RUNTIME.store.settle(call.reservation, amounts):
+        _recording.tripped(trip, scope)
+
+
+def settle_quietly(call: Call, usage: tuple | None = None) -> None:
+    try:
+        settle(call, usage)
+    except Exception as error:
+        try:
+            RUNTIME.store.release(call.reservation)
+        finally:
+            internal_error("settle", error)
+
+
+def release_quietly(call: Call) -> None:
+    try:
+        RUNTIME.store.release(call.reservation)
+    except Exception as error:
+        internal_error("release", error)
+
+
+def _finish(call: Call, result: Any, kwargs: dict) -> Any:
+    """After the SDK returned: wrap a stream, or settle. Never raises (except in strict mode)."""
+    try:
+        if call.endpoint.is_stream_request(kwargs) and _is_stream(result):
+            from ._streams import wrap_stream
+
+            return wrap_stream(result, call)
+        settle(call, call.endpoint.usage(result))
+    except Exception as error:
+        try:
+            if not call.reservation.settled:
+                RUNTIME.store.settle(call.reservation, call.amounts(call.prompt, call.cap))
+        except Exception:
+            pass
+        internal_error("settle", error)
+    return result
+
+
+def _is_stream(result: Any) -> bool:
+    return hasattr(result, "__next__") or hasattr(result, "__anext__")
+
+
+def make_sync_guard(endpoint):
+    def guard(wrapped, instance, args, kwargs):
+        if not RUNTIME.enabled or IN_CALL.get() is not None:
+            return wrapped(*args, **kwargs)
+        try:
+            call = admit(endpoint, instance, args, kwargs)
+        except RunGuardTripped:
+            raise
+        except Exception as error:
+            internal_error("preflight", error)
+            return wrapped(*args, **kwargs)
+        token = IN_CALL.set(call)
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException:
+            release_quietly(call)
+            raise
+        finally:
+            IN_CALL.reset(token)
+        return _finish(call, result, kwargs)
+
+    guard.runguard_endpoint = endpoint
+    return guard
+
+
+def make_async_guard(endpoint):
+    # NB: openai's Async*.create are plain functions returning coroutines, so the
+    # wrapper itself must be ``async def``; the check runs when the caller awaits,
+    # which is still before any byte is sent.
+    async def guard(wrapped, instance, args, kwargs):
+        if not RUNTIME.enabled or IN_CALL.get() is not None:
+            return await wrapped(*args, **kwargs)
+        try:
+            call = admit(endpoint, instance, args, kwargs)
+        except RunGuardTripped:
+            raise
+        except Exception as error:
+            internal_error("preflight", error)
+            return await wrapped(*args, **kwargs)
+        token = IN_CALL.set(call)
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException:
+            release_quietly(call)
+            raise
+        finally:
+            IN_CALL.reset(token)
+        return _finish(call, result, kwargs)
+
+    guard.runguard_endpoint = endpoint
+    return guard
+
+

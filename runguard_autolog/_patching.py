@@ -1,0 +1,161 @@
+"""Install/uninstall of the wrapt patches, driven by each integration's ``PATCHES`` table.
+
+NB: post-import hooks must never raise: a raising hook makes the *user's*
+``import openai`` fail. wrapt appends a hook every time one is registered, so we
+register each module once; a hook that fires after ``disable=True`` checks the
+switch itself (wrapt cannot unregister hooks).
+
+Uninstall removes each wrapper with wrapt's handle API. When another patcher (e.g.
+MLflow's gorilla) sits on top and our wrapper cannot be removed, it stays in place
+*dormant*: every wrapper checks ``RUNTIME.enabled`` at call time, so ``disable=True``
+still takes effect; a later install reuses it instead of stacking a second one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import wrapt
+
+from ._runtime import RUNTIME, internal_error, log_once
+
+# integration module path -> its root SDK module (imported lazily: nothing here imports an SDK)
+INTEGRATIONS = {
+    "runguard_autolog.integrations.openai": "openai",
+    "runguard_autolog.integrations.mlflow_runs": "mlflow",
+}
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    module: str
+    attribute: str  # "Class.method"
+    endpoint: Any = None
+    is_async: bool = False
+    wrapper: Callable[..., Any] | None = None  # for non-LLM patches (MLflow run lifecycle)
+
+
+_installed: dict[tuple[str, str], Any] = {}
+_dormant: dict[tuple[str, str], Any] = {}
+_hooked: set[str] = set()
+_lock = threading.RLock()
+
+
+def _wrapper_for(spec: PatchSpec):
+    if spec.wrapper is not None:
+        return spec.wrapper
+    from ._guard import make_async_guard, make_sync_guard
+
+    return make_async_guard(spec.endpoint) if spec.is_async else make_sync_guard(spec.endpoint)
+
+
+def _resolve(spec: PatchSpec):
+    module = importlib.import_module(spec.module)
+    owner_path, _, name = spec.attribute.rpartition(".")
+    owner = module
+    for part in owner_path.split(".") if owner_path else ():
+        owner = getattr(owner, part)
+    return module, owner, name
+
+
+def install_spec(spec: PatchSpec) -> None:
+    key = (spec.module, spec.attribute)
+    with _lock:
+        if key in _installed:
+            return
+        try:
+            module, owner, name = _resolve(spec)
+        except (ImportError, AttributeError):
+            log_once(("missing", key), "runguard: %s.%s not found in this SDK version; not patched", *key)
+            return
+        dormant = _dormant.pop(key, None)
+        if dormant is not None and wrapt.find_wrapper(getattr(owner, name), dormant) is not None:
+            _installed[key] = dormant
+            return
+        _installed[key] = wrapt.wrap_function_wrapper(module, spec.attribute, _wrapper_for(spec))
+
+
+def uninstall_spec(spec: PatchSpec) -> None:
+    key = (spec.module, spec.attribute)
+    with _lock:
+        handle = _installed.pop(key, None)
+        if handle is None:
+            return
+        module = sys.modules.get(spec.module)
+        try:
+            wrapt.unwrap_object(module, spec.attribute, handle, missing_ok=True)
+        except Exception:  # another patcher sits on top of ours: leave it dormant
+            _dormant[key] = handle
+
+
+def install_integration(integration: str) -> None:
+    module = importlib.import_module(integration)
+    for spec in module.PATCHES:
+        try:
+            install_spec(spec)
+        except Exception as error:
+            internal_error(f"patching {spec.module}.{spec.attribute}", error)
+    on_install = getattr(module, "on_install", None)
+    if on_install is not None:
+        try:
+            on_install()
+        except Exception as error:
+            internal_error(f"setting up {integration}", error)
+
+
+def _on_import_factory(integration: str):
+    def on_import(_module: Any) -> None:
+        try:
+            if RUNTIME.enabled:
+                install_integration(integration)
+        except Exception as error:  # never break the user's import
+            try:
+                internal_error(f"post-import hook for {integration}", error)
+            except Exception:
+                pass
+
+    return on_import
+
+
+def install_all() -> None:
+    """Patch every SDK already imported and hook the ones imported later."""
+    with _lock:
+        for integration, root in INTEGRATIONS.items():
+            if root not in _hooked:
+                _hooked.add(root)
+                wrapt.register_post_import_hook(_on_import_factory(integration), root)
+            elif root in sys.modules:
+                install_integration(integration)
+
+
+def uninstall_all() -> None:
+    with _lock:
+        for integration, root in INTEGRATIONS.items():
+            if root not in sys.modules:
+                continue
+            module = importlib.import_module(integration)
+            for spec in module.PATCHES:
+                try:
+                    uninstall_spec(spec)
+                except Exception as error:
+                    internal_error(f"unpatching {spec.module}.{spec.attribute}", error)
+            on_uninstall = getattr(module, "on_uninstall", None)
+            if on_uninstall is not None:
+                try:
+                    on_uninstall()
+                except Exception as error:
+                    internal_error(f"tearing down {integration}", error)
+
+
+def installed_keys() -> list[tuple[str, str]]:
+    return sorted(_installed)
+
+
+def is_ours(obj: Any) -> bool:
+    return any(obj is handle for handle in _installed.values()) or any(
+        obj is handle for handle in _dormant.values()
+    )

@@ -1,0 +1,249 @@
+"""What MLflow shows: trip tags/metrics on the run, span attributes, the refused call in
+the trace, and per-run summary metrics at run end.
+
+Nothing here may delay or replace a trip. Writes to the tracking server go through one
+background worker thread; the decision path only enqueues. A tracking error is logged
+once, never raised. ``flush()`` waits (bounded) for pending writes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from ._runtime import RUNTIME, log_once, logger
+from ._store import CALLS, COST, INPUT, OUTPUT, REQUESTS, TOTAL
+
+TAG_TRIPPED = "runguard.tripped"
+TAG_TRIP_LIMIT = "runguard.trip_limit"
+TAG_TRIP_SCOPE = "runguard.trip_scope"
+METRIC_CALLS_AT_TRIP = "runguard.calls_at_trip"
+METRIC_TOKENS_AT_TRIP = "runguard.tokens_at_trip"
+METRIC_COST_AT_TRIP = "runguard.cost_usd_at_trip"
+ATTR_CALLS = "runguard.calls"
+ATTR_INPUT_TOKENS = "runguard.input_tokens"
+ATTR_OUTPUT_TOKENS = "runguard.output_tokens"
+ATTR_COST_USD = "runguard.cost_usd"
+ATTR_SCOPE = "runguard.scope"
+SUMMARY_METRICS = (
+    ("runguard.calls", CALLS),
+    ("runguard.input_tokens", INPUT),
+    ("runguard.output_tokens", OUTPUT),
+    ("runguard.cost_usd", COST),
+)
+LLM_SPAN_TYPES = ("CHAT_MODEL", "LLM", "EMBEDDING")
+
+
+# -- background worker -------------------------------------------------------------------
+class _Worker:
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue | None = None
+        self._pid = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._queue = queue.SimpleQueue()
+                    threading.Thread(target=self._run, args=(self._queue,), name="runguard-recorder", daemon=True).start()
+                    self._pid = os.getpid()
+        self._queue.put(job)
+
+    @staticmethod
+    def _run(jobs: queue.SimpleQueue) -> None:
+        while True:
+            job = jobs.get()
+            try:
+                job()
+            except Exception as error:
+                log_once(("recording", type(error).__name__), "runguard: could not write to MLflow (%s: %s); "
+                         "the trip itself is unaffected. Logged once.", type(error).__name__, error)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        if self._queue is None or self._pid != os.getpid():
+            return True
+        done = threading.Event()
+        self._queue.put(done.set)
+        return done.wait(timeout)
+
+
+_WORKER = _Worker()
+
+
+def flush(timeout: float = 10.0) -> bool:
+    """Wait up to ``timeout`` seconds for runguard's pending MLflow writes; True when done."""
+    return _WORKER.flush(timeout)
+
+
+atexit.register(lambda: _WORKER.flush(5.0))
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _mlflow():
+    return sys.modules.get("mlflow")
+
+
+def _active_run_info():
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is None:
+        return None
+    run = fluent.active_run()
+    if run is None:
+        return None
+    import mlflow
+
+    return run.info.run_id, run.info.experiment_id, mlflow.get_tracking_uri()
+
+
+def _write_run(run_id: str, uri: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    stamp = int(time.time() * 1000)
+    MlflowClient(tracking_uri=uri).log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), stamp, 0) for key, value in metrics.items()],
+        tags=[RunTag(key, str(value)[:5000]) for key, value in tags.items()],
+    )
+
+
+# -- trips ----------------------------------------------------------------------------------
+def tripped(trip, scope=None) -> None:
+    """A scope's circuit just opened: one log line and the run's tags/metrics (in the background)."""
+    try:
+        logger.warning("runguard: %s in scope %s; further calls there are refused until reset", trip.reason, trip.scope)
+        where = _active_run_info()
+        if where is None:
+            return
+        run_id, _, uri = where
+        used = trip.used or (0,) * 6
+        metrics = {
+            METRIC_CALLS_AT_TRIP: used[CALLS],
+            METRIC_TOKENS_AT_TRIP: used[TOTAL],
+            METRIC_COST_AT_TRIP: used[COST],
+        }
+        tags = {TAG_TRIPPED: trip.reason, TAG_TRIP_LIMIT: trip.limit, TAG_TRIP_SCOPE: trip.scope}
+        _WORKER.submit(lambda: _write_run(run_id, uri, metrics, tags))
+    except Exception as error:
+        log_once(("record-trip", type(error).__name__), "runguard: could not record a trip (%s)", error)
+
+
+_spanned_trips: set = set()
+
+
+def refused(error, trip, newly: bool, target: str) -> None:
+    """A call was refused (or, in shadow mode, would have been): make it visible."""
+    try:
+        if newly:
+            tripped(trip)
+        mlflow = _mlflow()
+        if mlflow is None:
+            return
+        attributes = {
+            "runguard.reason": trip.reason,
+            "runguard.limit": trip.limit,
+            "runguard.scope": trip.scope,
+            "runguard.threshold": str(trip.threshold),
+            "runguard.observed": str(trip.observed),
+            "runguard.target": target,
+        }
+        span = mlflow.get_current_active_span()
+        if span is not None:
+            from mlflow.entities import SpanEvent
+
+            span.add_event(SpanEvent("runguard.tripped", attributes=attributes))
+            return
+        key = (trip.scope, trip.limit, trip.reason)
+        if key in _spanned_trips:
+            return
+        _spanned_trips.add(key)
+        where = _active_run_info()
+        _WORKER.submit(lambda: _refused_span(error, attributes, target, where))
+    except Exception as failure:
+        log_once(("record-refusal", type(failure).__name__), "runguard: could not record a refusal (%s)", failure)
+
+
+def _refused_span(error, attributes: dict, target: str, where) -> None:
+    import mlflow
+    from mlflow.entities import SpanEvent, SpanStatusCode
+
+    metadata = {"mlflow.sourceRun": where[0]} if where else None
+    experiment_id = where[1] if where else None
+    span = mlflow.start_span_no_context(
+        name=f"runguard refused {target}",
+        span_type="LLM",
+        inputs={"target": target},
+        attributes=attributes,
+        metadata=metadata,
+        experiment_id=experiment_id,
+    )
+    span.add_event(SpanEvent.from_exception(error))
+    span.set_status(SpanStatusCode.ERROR)
+    span.end()
+
+
+# -- span processor ------------------------------------------------------------------------
+def span_processor(span) -> None:
+    """Add the innermost scope's running totals to every LLM span (composes with the user's)."""
+    if not RUNTIME.enabled or str(getattr(span, "span_type", "")) not in LLM_SPAN_TYPES:
+        return
+    try:
+        from ._guard import IN_CALL
+        from ._scopes import innermost
+
+        call = IN_CALL.get()
+        scope = call.scopes[-1] if call is not None else innermost()
+        used = list(scope.used)
+        if call is not None and not call.reservation.settled:
+            # our wrapper sits outside MLflow's: this span's call has not settled yet
+            usage = span.get_attribute("mlflow.chat.tokenUsage") or {}
+            prompt = usage.get("input_tokens", call.prompt) if isinstance(usage, dict) else call.prompt
+            output = usage.get("output_tokens", 0) if isinstance(usage, dict) else 0
+            pending = call.amounts(prompt, output)
+            used = [a + b for a, b in zip(used, pending)]
+        span.set_attribute(ATTR_CALLS, int(used[CALLS]))
+        span.set_attribute(ATTR_INPUT_TOKENS, int(used[INPUT]))
+        span.set_attribute(ATTR_OUTPUT_TOKENS, int(used[OUTPUT]))
+        span.set_attribute(ATTR_COST_USD, float(used[COST]))
+        span.set_attribute(ATTR_SCOPE, scope.name)
+    except Exception as error:
+        log_once(("span-processor", type(error).__name__), "runguard: span processor failed (%s)", error)
+
+
+span_processor.__name__ = "runguard_span_processor"
+
+
+def add_span_processor() -> None:
+    from mlflow.tracing.config import get_config
+
+    processors = get_config().span_processors
+    if span_processor not in processors:
+        processors.insert(0, span_processor)
+
+
+def remove_span_processor() -> None:
+    mod = sys.modules.get("mlflow.tracing.config")
+    if mod is None:
+        return
+    processors = mod.get_config().span_processors
+    while span_processor in processors:
+        processors.remove(span_processor)
+
+
+# -- run end -----------------------------------------------------------------------------
+def write_run_summary(run_id: str, scope) -> None:
+    """Spend per run, tripped or not, so it can be charted across experiments."""
+    import mlflow
+
+    used = scope.used if scope is not None else (0,) * 6
+    metrics = {name: used[index] for name, index in SUMMARY_METRICS}
+    _write_run(run_id, mlflow.get_tracking_uri(), metrics, {})
+
+
+__all__ = ["flush", "tripped", "refused", "span_processor", "REQUESTS"]

@@ -1,0 +1,229 @@
+"""Scopes a call is charged to: each open session, the active MLflow run, the process.
+
+The ``autolog()`` limits apply to the *innermost unit of work*: the most recently
+entered of the open sessions and the active MLflow run, else the process. A
+session may override them with its own keywords. An outer scope enforces only the
+limits given to it explicitly.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import itertools
+import sys
+import threading
+import time
+from typing import Any
+
+from ._config import LIMITS, explicit_limits
+from ._runtime import RUNTIME
+from ._store import COUNTER_OF_LIMIT, COUNTERS
+
+_INF = float("inf")
+
+
+def _checks(limits: dict[str, Any]) -> tuple:
+    return tuple(
+        (COUNTER_OF_LIMIT[name], value, name)
+        for name, value in limits.items()
+        if name in COUNTER_OF_LIMIT and value != _INF
+    )
+
+
+class Scope:
+    """Counters and the circuit of one unit of work."""
+
+    __slots__ = ("name", "own", "own_checks", "entered", "used", "reserved", "tripped", "_effective", "__weakref__")
+
+    def __init__(self, name: str, own: dict[str, Any] | None = None, entered: float | None = None) -> None:
+        self.name = name
+        self.own = dict(own or {})
+        self.own_checks = _checks(self.own)
+        self.entered = time.time() if entered is None else entered
+        self.used = [0] * 6
+        self.reserved = [0] * 6
+        self.tripped = None
+        self._effective = (-1, None, None)
+
+    def effective(self) -> tuple[dict[str, Any], tuple]:
+        """Limits when this scope is the innermost unit of work: autolog's, overridden by its own."""
+        version, limits, checks = self._effective
+        if version != RUNTIME.version:
+            limits = RUNTIME.limits()
+            limits["on_trip"] = RUNTIME.on_trip
+            limits.update(self.own)
+            checks = _checks(limits)
+            self._effective = (RUNTIME.version, limits, checks)
+        return limits, checks
+
+    def __repr__(self) -> str:
+        return f"<runguard scope {self.name}>"
+
+
+PROCESS = Scope("process", entered=0.0)
+_SESSIONS: contextvars.ContextVar[tuple] = contextvars.ContextVar("runguard_sessions", default=())
+_RUNS: dict[str, Scope] = {}
+_RUN_STARTS: dict[str, float] = {}
+_runs_lock = threading.Lock()
+_anonymous = itertools.count(1)
+
+
+def _active_run():
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is None:
+        return None
+    return fluent.active_run()
+
+
+def run_scope(run) -> Scope:
+    run_id = run.info.run_id
+    scope = _RUNS.get(run_id)
+    if scope is None:
+        with _runs_lock:
+            scope = _RUNS.get(run_id)
+            if scope is None:
+                entered = _RUN_STARTS.pop(run_id, None)
+                if entered is None:
+                    entered = (run.info.start_time or 0) / 1000.0
+                scope = _RUNS[run_id] = Scope(f"run:{run_id}", entered=entered)
+    return scope
+
+
+def note_run_started(run_id: str) -> None:
+    """Remember when a run began, so it is ordered correctly against sessions."""
+    _RUN_STARTS[run_id] = time.time()
+
+
+def drop_run(run_id: str) -> Scope | None:
+    _RUN_STARTS.pop(run_id, None)
+    with _runs_lock:
+        return _RUNS.pop(run_id, None)
+
+
+def open_scopes() -> list[Scope]:
+    """Scopes charged by a call here, outermost first; the last is the innermost unit of work."""
+    scopes = [PROCESS, *_SESSIONS.get()]
+    run = _active_run()
+    if run is not None:
+        scope = run_scope(run)
+        position = len(scopes)
+        while position > 1 and scopes[position - 1].entered > scope.entered:
+            position -= 1
+        scopes.insert(position, scope)
+    return scopes
+
+
+def charges_for(scopes: list[Scope]) -> list[tuple[Scope, tuple]]:
+    """Pair each scope with the limits it enforces on this call."""
+    last = len(scopes) - 1
+    charges = []
+    for position, scope in enumerate(scopes):
+        if position == last:
+            charges.append((scope, scope.effective()[1]))
+        else:
+            charges.append((scope, scope.own_checks))
+    return charges
+
+
+def innermost() -> Scope:
+    return open_scopes()[-1]
+
+
+class Snapshot:
+    """What ``runguard.current()`` returns: a read-only view of one scope."""
+
+    __slots__ = ("scope", "calls", "requests", "input_tokens", "output_tokens", "total_tokens", "cost_usd", "limits", "tripped")
+
+    def __init__(self, scope: Scope, is_innermost: bool = True) -> None:
+        used, trip = RUNTIME.store.snapshot(scope)
+        self.scope = scope.name
+        for name, value in zip(COUNTERS, used):
+            setattr(self, name, value)
+        limits = scope.effective()[0] if is_innermost else {**scope.own}
+        self.limits = {k: v for k, v in limits.items() if k in LIMITS or k == "on_trip"}
+        self.tripped = None if trip is None else _as_exception(trip)
+
+    def __repr__(self) -> str:
+        return (
+            f"Snapshot(scope={self.scope!r}, calls={self.calls}, input_tokens={self.input_tokens}, "
+            f"output_tokens={self.output_tokens}, cost_usd={self.cost_usd:.6g}, tripped={self.tripped!r})"
+        )
+
+
+def _as_exception(trip):
+    from ._errors import RunGuardTripped
+
+    return RunGuardTripped(trip.reason, limit=trip.limit, threshold=trip.threshold, observed=trip.observed, scope=trip.scope)
+
+
+def current() -> Snapshot:
+    """A snapshot of the innermost scope (session, MLflow run, or process)."""
+    return Snapshot(innermost())
+
+
+def reset() -> None:
+    """Zero the innermost scope's counters and close its circuit: calls go through again."""
+    RUNTIME.store.reset(innermost())
+
+
+class session:
+    """A unit of work with its own counters: context manager and decorator, sync and async.
+
+    ``runguard.session("agent-7", max_calls=10)`` limits that unit of work; sessions
+    nest, and asyncio tasks started inside inherit the session (contextvars). A thread
+    pool does not inherit context: submit ``contextvars.copy_context().run`` (see README).
+    Each entry (and each call of a decorated function) starts fresh counters.
+    """
+
+    def __init__(self, name: str | None = None, **limits: Any) -> None:
+        self.name = name
+        self.limits = explicit_limits(limits)
+        self.scope: Scope | None = None
+        self._tokens: list = []
+
+    def _enter(self) -> "session":
+        name = self.name if self.name is not None else f"anonymous-{next(_anonymous)}"
+        self.scope = Scope(f"session:{name}", self.limits)
+        self._tokens.append(_SESSIONS.set((*_SESSIONS.get(), self.scope)))
+        return self
+
+    def _exit(self) -> None:
+        _SESSIONS.reset(self._tokens.pop())
+
+    def __enter__(self) -> "session":
+        return self._enter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._exit()
+
+    async def __aenter__(self) -> "session":
+        return self._enter()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._exit()
+
+    def snapshot(self) -> Snapshot:
+        if self.scope is None:
+            raise RuntimeError("runguard: this session has not been entered yet")
+        return Snapshot(self.scope)
+
+    def __call__(self, func):
+        name, limits = self.name or func.__qualname__, self.limits
+
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def run_async(*args, **kwargs):
+                async with session(name, **limits):
+                    return await func(*args, **kwargs)
+
+            return run_async
+
+        @functools.wraps(func)
+        def run(*args, **kwargs):
+            with session(name, **limits):
+                return func(*args, **kwargs)
+
+        return run

@@ -1,0 +1,81 @@
+"""MLflow run lifecycle and tracing config: where run scopes begin and end.
+
+``mlflow.start_run``/``end_run`` are re-exports of ``mlflow.tracking.fluent``'s
+functions, so both bindings are patched (``with mlflow.start_run()`` ends through
+the fluent one, ``mlflow.end_run()`` through the top-level one); each call path
+passes exactly one wrapper. ``mlflow.tracing.configure`` is patched so a user's own
+``span_processors`` keep runguard's processor beside theirs.
+"""
+
+from __future__ import annotations
+
+from .. import _recording
+from .._patching import PatchSpec
+from .._runtime import RUNTIME, internal_error
+from .._scopes import drop_run, note_run_started
+
+NAME = "mlflow"
+TARGET_MODULE = "mlflow"
+
+
+def _start_run(wrapped, instance, args, kwargs):
+    run = wrapped(*args, **kwargs)
+    try:
+        if RUNTIME.enabled:
+            note_run_started(run.info.run_id)
+    except Exception as error:
+        internal_error("start_run", error)
+    return run
+
+
+def _end_run(wrapped, instance, args, kwargs):
+    if RUNTIME.enabled:
+        try:
+            from mlflow.tracking.fluent import active_run
+
+            run = active_run()
+            if run is not None:
+                run_id = run.info.run_id
+                _recording.flush(timeout=5.0)
+                scope = drop_run(run_id)
+                try:
+                    _recording.write_run_summary(run_id, scope)
+                except Exception as error:
+                    _recording.log_once(("summary", type(error).__name__),
+                                        "runguard: could not write run summary metrics (%s)", error)
+        except Exception as error:
+            internal_error("end_run", error)
+    return wrapped(*args, **kwargs)
+
+
+def _configure(wrapped, instance, args, kwargs):
+    try:
+        if RUNTIME.enabled:
+            processors = kwargs.get("span_processors", args[0] if args else None)
+            if processors is not None and _recording.span_processor not in processors:
+                processors = [_recording.span_processor, *processors]
+                if args:
+                    args = (processors, *args[1:])
+                else:
+                    kwargs = {**kwargs, "span_processors": processors}
+    except Exception as error:
+        internal_error("tracing.configure", error)
+    return wrapped(*args, **kwargs)
+
+
+PATCHES = (
+    PatchSpec("mlflow", "start_run", wrapper=_start_run),
+    PatchSpec("mlflow.tracking.fluent", "start_run", wrapper=_start_run),
+    PatchSpec("mlflow", "end_run", wrapper=_end_run),
+    PatchSpec("mlflow.tracking.fluent", "end_run", wrapper=_end_run),
+    PatchSpec("mlflow.tracing", "configure", wrapper=_configure),
+    PatchSpec("mlflow.tracing.config", "configure", wrapper=_configure),
+)
+
+
+def on_install() -> None:
+    _recording.add_span_processor()
+
+
+def on_uninstall() -> None:
+    _recording.remove_span_processor()

@@ -1,0 +1,171 @@
+"""openai SDK (v1+): the entry points ``mlflow.openai.autolog()`` patches.
+
+Patched: ``chat.completions.create/parse``, ``completions.create``,
+``embeddings.create``, ``responses.create/parse`` — sync and async, streaming
+included (``chat.completions.stream`` and ``responses.stream`` go through
+``create``). Functions here only read requests, responses and stream chunks; they
+do no I/O and keep no state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import tokens
+from .._patching import PatchSpec
+
+NAME = "openai"
+TARGET_MODULE = "openai"
+
+
+class Endpoint:
+    """How to read one kind of request/response."""
+
+    __slots__ = ("name", "kind")
+
+    def __init__(self, name: str, kind: str) -> None:
+        self.name = name
+        self.kind = kind
+
+    # -- request ---------------------------------------------------------------------------
+    def forecast(self, instance: Any, args: tuple, kwargs: dict) -> tuple[str, int, int]:
+        """(model, prompt-token estimate, output cap or 0)."""
+        model = kwargs.get("model") or ""
+        if not isinstance(model, str):
+            model = str(model)
+        kind = self.kind
+        if kind == "chat":
+            prompt = tokens.messages_tokens(kwargs.get("messages"), model)
+            prompt += tokens.tools_tokens(kwargs.get("tools"), model)
+            cap = _cap(kwargs, "max_completion_tokens", "max_tokens")
+            choices = kwargs.get("n")
+            if isinstance(choices, int) and choices > 1 and cap:
+                cap *= choices
+        elif kind == "responses":
+            prompt = tokens.input_tokens(kwargs.get("input"), model)
+            instructions = kwargs.get("instructions")
+            if isinstance(instructions, str):
+                prompt += tokens.counter_for(model)(instructions)
+            prompt += tokens.tools_tokens(kwargs.get("tools"), model)
+            cap = _cap(kwargs, "max_output_tokens")
+        elif kind == "completion":
+            prompt = tokens.input_tokens(kwargs.get("prompt"), model)
+            cap = _cap(kwargs, "max_tokens")
+            choices = kwargs.get("n")
+            if isinstance(choices, int) and choices > 1 and cap:
+                cap *= choices
+        else:  # embeddings
+            prompt = tokens.input_tokens(kwargs.get("input"), model)
+            cap = 0
+        return model, prompt, cap
+
+    @staticmethod
+    def is_stream_request(kwargs: dict) -> bool:
+        return kwargs.get("stream") is True
+
+    # -- response --------------------------------------------------------------------------
+    def usage(self, result: Any) -> tuple[int, int, int] | None:
+        """(input, output, cached input) tokens from a response, ``None`` when absent."""
+        usage = getattr(result, "usage", None)
+        if usage is None:
+            return None
+        return _read_usage(usage)
+
+    # -- stream chunks ---------------------------------------------------------------------
+    def chunk_usage(self, chunk: Any) -> tuple[int, int, int] | None:
+        if self.kind == "responses":
+            response = getattr(chunk, "response", None)
+            if response is not None and getattr(chunk, "type", "") in _RESPONSES_FINAL:
+                usage = getattr(response, "usage", None)
+                return _read_usage(usage) if usage is not None else None
+            return None
+        usage = getattr(chunk, "usage", None)
+        return _read_usage(usage) if usage is not None else None
+
+    def chunk_text(self, chunk: Any) -> str:
+        """The generated text a chunk carries (used to estimate output as it streams)."""
+        if self.kind == "responses":
+            if getattr(chunk, "type", "") in _RESPONSES_DELTAS:
+                delta = getattr(chunk, "delta", "")
+                return delta if isinstance(delta, str) else ""
+            return ""
+        text = ""
+        for choice in getattr(chunk, "choices", None) or ():
+            if self.kind == "completion":
+                text += getattr(choice, "text", "") or ""
+                continue
+            delta = getattr(choice, "delta", None)
+            if delta is None:
+                continue
+            text += getattr(delta, "content", None) or ""
+            text += getattr(delta, "refusal", None) or ""
+            for call in getattr(delta, "tool_calls", None) or ():
+                function = getattr(call, "function", None)
+                if function is not None:
+                    text += (getattr(function, "name", None) or "") + (getattr(function, "arguments", None) or "")
+        return text
+
+
+_RESPONSES_FINAL = ("response.completed", "response.incomplete", "response.failed")
+_RESPONSES_DELTAS = (
+    "response.output_text.delta",
+    "response.refusal.delta",
+    "response.function_call_arguments.delta",
+    "response.reasoning_text.delta",
+    "response.reasoning_summary_text.delta",
+)
+
+
+def _cap(kwargs: dict, *names: str) -> int:
+    for name in names:
+        value = kwargs.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+def _field(obj: Any, name: str) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _read_usage(usage: Any) -> tuple[int, int, int]:
+    """Chat/Completions (prompt/completion) or Responses (input/output) usage; ints or a TypeError."""
+    prompt = _field(usage, "prompt_tokens")
+    if prompt is None:
+        prompt = _field(usage, "input_tokens")
+    output = _field(usage, "completion_tokens")
+    if output is None:
+        output = _field(usage, "output_tokens")
+    if output is None:  # embeddings report prompt and total only
+        total = _field(usage, "total_tokens")
+        output = (total - prompt) if isinstance(total, int) and isinstance(prompt, int) else 0
+    details = _field(usage, "prompt_tokens_details") or _field(usage, "input_tokens_details")
+    cached = _field(details, "cached_tokens") if details is not None else 0
+    values = (prompt, output, cached or 0)
+    for value in values:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise TypeError(f"unexpected usage shape from openai: {usage!r:.200}")
+    return values
+
+
+CHAT = Endpoint("openai.chat.completions", "chat")
+COMPLETION = Endpoint("openai.completions", "completion")
+EMBEDDING = Endpoint("openai.embeddings", "embedding")
+RESPONSES = Endpoint("openai.responses", "responses")
+
+PATCHES: tuple[PatchSpec, ...] = (
+    PatchSpec("openai.resources.chat.completions", "Completions.create", CHAT, is_async=False),
+    PatchSpec("openai.resources.chat.completions", "Completions.parse", CHAT, is_async=False),
+    PatchSpec("openai.resources.chat.completions", "AsyncCompletions.create", CHAT, is_async=True),
+    PatchSpec("openai.resources.chat.completions", "AsyncCompletions.parse", CHAT, is_async=True),
+    PatchSpec("openai.resources.completions", "Completions.create", COMPLETION, is_async=False),
+    PatchSpec("openai.resources.completions", "AsyncCompletions.create", COMPLETION, is_async=True),
+    PatchSpec("openai.resources.embeddings", "Embeddings.create", EMBEDDING, is_async=False),
+    PatchSpec("openai.resources.embeddings", "AsyncEmbeddings.create", EMBEDDING, is_async=True),
+    PatchSpec("openai.resources.responses", "Responses.create", RESPONSES, is_async=False),
+    PatchSpec("openai.resources.responses", "Responses.parse", RESPONSES, is_async=False),
+    PatchSpec("openai.resources.responses", "AsyncResponses.create", RESPONSES, is_async=True),
+    PatchSpec("openai.resources.responses", "AsyncResponses.parse", RESPONSES, is_async=True),
+)
