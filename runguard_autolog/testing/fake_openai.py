@@ -47,12 +47,13 @@ class FakeOpenAIServer:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the fake server binds to loopback only")
         self.default = default or Reply()
+        self._initial_default = self.default
         self._script: list[Reply | Callable[[dict], Reply]] = []
         self.requests: list[dict] = []
         self.streams_completed = 0
         self.streams_cut = 0  # the client hung up before the stream ended
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer((host, port), _handler_for(self))
+        self._httpd = _Server((host, port), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -86,7 +87,9 @@ class FakeOpenAIServer:
             self._script.extend(replies)
 
     def reset(self) -> None:
+        """Forget requests and the script, and restore the default reply."""
         with self._lock:
+            self.default = self._initial_default
             self._script.clear()
             self.requests.clear()
             self.streams_completed = self.streams_cut = 0
@@ -209,6 +212,11 @@ def _responses_events(reply: Reply, body: dict):
                "output_index": 0, "content_index": 0, "delta": piece, "logprobs": []}
     yield {"type": "response.completed", "sequence_number": len(pieces) + 1,
            "response": _response_obj(reply, body, pieces, prompt, completion)}
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # many concurrent clients connect at once in concurrency tests
+    daemon_threads = True
 
 
 def _handler_for(server: FakeOpenAIServer):

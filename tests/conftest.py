@@ -1,0 +1,101 @@
+"""Shared fixtures: strict mode on, a loopback fake OpenAI server, a temp sqlite MLflow store,
+and a clean breaker after every test."""
+
+from __future__ import annotations
+
+import os
+
+# Air-gapped MLflow: no catalog download, no telemetry, dead servers fail in seconds.
+os.environ.setdefault("MLFLOW_MODEL_CATALOG_URI", "")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+os.environ["_RUNGUARD_STRICT"] = "1"
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import pytest  # noqa: E402
+
+import runguard_autolog as runguard  # noqa: E402
+from runguard_autolog import _recording, _runtime, _scopes, pricing, tokens  # noqa: E402
+from runguard_autolog.testing import FakeOpenAIServer  # noqa: E402
+
+MODEL = "gpt-4o-mini"
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="session")
+def _server():
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture
+def server(_server):
+    _server.reset()
+    yield _server
+    _server.reset()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="test", max_retries=0)
+
+
+@pytest.fixture
+def async_client(server):
+    return openai.AsyncOpenAI(base_url=server.base_url, api_key="test", max_retries=0)
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """A real MLflow sqlite tracking store in a temp dir."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("runguard-tests")
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def _clean():
+    runguard.autolog(disable=True)
+    _recording.flush(10)
+    _runtime.RUNTIME.store.reset(_scopes.PROCESS)
+    _scopes.PROCESS.reserved[:] = [0] * 6
+    _scopes._RUNS.clear()
+    _scopes._RUN_STARTS.clear()
+    _recording._spanned_trips.clear()
+    _runtime._logged.clear()
+    _runtime.set_strict(True)
+    tokens.clear_encodings()
+    pricing.clear_cache()
+
+
+@pytest.fixture(autouse=True)
+def clean_breaker(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("RUNGUARD_"):
+            monkeypatch.delenv(name)
+    _clean()
+    yield
+    try:
+        import mlflow
+
+        mlflow.openai.autolog(disable=True)
+    except Exception:
+        pass
+    _clean()
+
+
+def chat(client, **kwargs):
+    return client.chat.completions.create(model=kwargs.pop("model", MODEL), messages=kwargs.pop("messages", MESSAGES), **kwargs)
+
+
+def mock_client(handler) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://mock/v1", api_key="test", max_retries=0,
+                         http_client=httpx.Client(transport=httpx.MockTransport(handler)))
