@@ -117,8 +117,11 @@ class MemoryStore:
                     if used[index] + reserved[index] + wanted > threshold:
                         alone = used[index] + wanted
                         sticky = alone > threshold
-                        observed = alone if sticky else used[index] + reserved[index] + wanted
-                        trip = make_trip(scope.name, index, threshold, observed, limit, used, forecast=True)
+                        if used[index] >= threshold:  # already at the ceiling (e.g. charged while outer)
+                            trip = make_trip(scope.name, index, threshold, used[index], limit, used)
+                        else:
+                            observed = alone if sticky else used[index] + reserved[index] + wanted
+                            trip = make_trip(scope.name, index, threshold, observed, limit, used, forecast=True)
                         if sticky:
                             scope.tripped = trip
                         refusal = Refusal(scope, trip, sticky, sticky)
