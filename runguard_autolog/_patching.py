@@ -73,7 +73,7 @@ def install_spec(spec: PatchSpec) -> None:
             log_once(("missing", key), "runguard: %s.%s not found in this SDK version; not patched", *key)
             return
         dormant = _dormant.pop(key, None)
-        if dormant is not None and wrapt.find_wrapper(getattr(owner, name), dormant) is not None:
+        if dormant is not None and _reachable(owner, name, dormant):
             _installed[key] = dormant
             return
         _installed[key] = wrapt.wrap_function_wrapper(module, spec.attribute, _wrapper_for(spec))
@@ -87,9 +87,23 @@ def uninstall_spec(spec: PatchSpec) -> None:
             return
         module = sys.modules.get(spec.module)
         try:
-            wrapt.unwrap_object(module, spec.attribute, handle, missing_ok=True)
-        except Exception:  # another patcher sits on top of ours: leave it dormant
+            wrapt.unwrap_object(module, spec.attribute, handle)
+        except Exception:  # another patcher sits on top of ours (or hides it): leave it dormant
             _dormant[key] = handle
+
+
+def _reachable(owner: Any, name: str, handle: Any) -> bool:
+    """Is our old wrapper still what the attribute (or a patcher above it) calls?"""
+    current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+    if current is handle:
+        return True
+    # MLflow's gorilla keeps the patched-over original on the class
+    if isinstance(owner, type) and owner.__dict__.get(f"_gorilla_original_{name}") is handle:
+        return True
+    try:
+        return wrapt.find_wrapper(current, handle) is not None
+    except Exception:
+        return False
 
 
 def install_integration(integration: str) -> None:
