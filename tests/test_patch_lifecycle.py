@@ -1,0 +1,124 @@
+"""Install/uninstall symmetry, driven by the PATCHES tables: import orders, idempotency, reversal."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import wrapt
+
+import runguard_autolog as runguard
+from runguard_autolog import _patching
+from runguard_autolog.integrations import openai as openai_integration
+
+from .conftest import chat
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPECS = openai_integration.PATCHES
+
+
+def _attribute(spec):
+    module = importlib.import_module(spec.module)
+    owner_name, name = spec.attribute.split(".")
+    owner = getattr(module, owner_name)
+    return owner, name, owner.__dict__[name]
+
+
+@pytest.fixture(scope="module")
+def originals():
+    return {spec: _attribute(spec)[2] for spec in SPECS}
+
+
+def test_every_target_in_the_table_is_patched_once_and_restored_on_disable(originals):
+    runguard.autolog()
+    runguard.autolog()  # twice: no double wrap
+    for spec in SPECS:
+        owner, name, current = _attribute(spec)
+        assert isinstance(current, wrapt.FunctionWrapper), spec
+        assert _patching.is_ours(current)
+        assert current.__wrapped__ is originals[spec], f"{spec} is wrapped twice"
+    runguard.autolog(disable=True)
+    for spec in SPECS:
+        assert _attribute(spec)[2] is originals[spec], spec
+    runguard.autolog()  # install -> uninstall -> install
+    for spec in SPECS:
+        assert _attribute(spec)[2].__wrapped__ is originals[spec]
+
+
+def test_autolog_twice_does_not_double_count(client, server):
+    runguard.autolog(max_calls=3)
+    runguard.autolog(max_calls=3)
+    chat(client)
+    assert runguard.current().calls == 1
+
+
+def test_disable_lets_every_call_through(client, server):
+    runguard.autolog(max_calls=1)
+    chat(client)
+    runguard.autolog(disable=True)
+    for _ in range(3):
+        chat(client)
+    assert server.count() == 4
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RUNGUARD_")}
+    environ.update(env, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120)
+
+
+def test_autolog_before_import_openai_patches_on_import(server):
+    code = f"""
+import sys, runguard_autolog as r
+r.autolog(max_calls=2)
+assert "openai" not in sys.modules, "autolog must not import the SDK"
+import openai
+c = openai.OpenAI(base_url={server.base_url!r}, api_key="x", max_retries=0)
+m = [{{"role": "user", "content": "hi"}}]
+c.chat.completions.create(model="gpt-4o-mini", messages=m)
+c.chat.completions.create(model="gpt-4o-mini", messages=m)
+try:
+    c.chat.completions.create(model="gpt-4o-mini", messages=m)
+except r.RunGuardTripped as e:
+    print("tripped", e.limit)
+"""
+    result = _run(code)
+    assert result.stdout.strip() == "tripped max_calls", result.stderr
+    assert server.count() == 2
+
+
+def test_a_hook_firing_after_disable_installs_nothing(server):
+    code = f"""
+import runguard_autolog as r
+r.autolog(max_calls=1)
+r.autolog(disable=True)
+import openai
+print(type(openai.resources.chat.completions.Completions.__dict__["create"]).__name__)
+"""
+    result = _run(code)
+    assert result.stdout.strip() == "function", result.stderr
+
+
+def test_importing_runguard_is_cheap_and_imports_no_sdk():
+    result = _run("import sys, runguard_autolog; print(sorted(m for m in ('openai', 'mlflow', 'langchain_core') if m in sys.modules))")
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_mlflow_run_lifecycle_patches_are_symmetric():
+    import mlflow
+    import mlflow.tracking.fluent as fluent
+
+    from runguard_autolog import _recording
+    from runguard_autolog.integrations import mlflow_runs
+
+    before = {(s.module, s.attribute): getattr(importlib.import_module(s.module), s.attribute) for s in mlflow_runs.PATCHES}
+    runguard.autolog()
+    assert isinstance(mlflow.end_run, wrapt.FunctionWrapper) and isinstance(fluent.end_run, wrapt.FunctionWrapper)
+    assert _recording.span_processor in mlflow.tracing.config.get_config().span_processors
+    runguard.autolog(disable=True)
+    after = {(s.module, s.attribute): getattr(importlib.import_module(s.module), s.attribute) for s in mlflow_runs.PATCHES}
+    assert after == before
+    assert _recording.span_processor not in mlflow.tracing.config.get_config().span_processors
