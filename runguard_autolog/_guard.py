@@ -125,10 +125,13 @@ def release_quietly(call: Call) -> None:
 def _finish(call: Call, result: Any, kwargs: dict) -> Any:
     """After the SDK returned: wrap a stream, or settle. Never raises (except in strict mode)."""
     try:
-        if call.endpoint.is_stream_request(kwargs) and _is_stream(result):
-            from ._streams import wrap_stream
+        if call.endpoint.is_stream_request(kwargs):
+            if _is_stream(result):
+                from ._streams import wrap_stream
 
-            return wrap_stream(result, call)
+                return wrap_stream(result, call)
+            settle(call, None)  # a raw streaming response we cannot meter: charge the forecast
+            return result
         settle(call, call.endpoint.usage(result))
     except Exception as error:
         try:

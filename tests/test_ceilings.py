@@ -242,3 +242,44 @@ def test_unknown_model_counts_tokens_and_is_unpriced(client, server, caplog):
     snapshot = runguard.current()
     assert snapshot.calls == 3 and snapshot.input_tokens == 30 and snapshot.cost_usd == 0
     assert sum("no price known" in r.message for r in caplog.records) == 1
+
+
+def test_ceiling_holds_under_threads_each_running_async_tasks(server):
+    import openai
+
+    server.default = Reply(delay=0.005)
+    runguard.autolog(max_calls=37)
+    sent = []
+
+    def thread_main():
+        async def run():
+            client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+
+            async def one():
+                try:
+                    await client.chat.completions.create(model=MODEL, messages=MESSAGES)
+                    return 1
+                except runguard.RunGuardTripped:
+                    return 0
+
+            return sum(await asyncio.gather(*(one() for _ in range(10))))
+
+        sent.append(asyncio.run(run()))
+
+    threads = [threading.Thread(target=thread_main) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(sent) == 37
+    assert server.count() == 37
+
+
+def test_raw_response_calls_are_counted_with_their_usage(client, server):
+    runguard.autolog(max_calls=1)
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
+    assert raw.parse().choices[0].message.content == "ok"
+    assert runguard.current().input_tokens == 10
+    with pytest.raises(runguard.RunGuardTripped):
+        client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
+    assert server.count() == 1

@@ -67,6 +67,9 @@ class Endpoint:
     def usage(self, result: Any) -> tuple[int, int, int] | None:
         """(input, output, cached input) tokens from a response, ``None`` when absent."""
         usage = getattr(result, "usage", None)
+        if usage is None and hasattr(result, "http_response") and callable(getattr(result, "parse", None)):
+            # ``.with_raw_response``: parsing is cached by the SDK, so the user's own parse() is free
+            usage = getattr(result.parse(), "usage", None)
         if usage is None:
             return None
         return _read_usage(usage)
