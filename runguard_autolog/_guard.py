@@ -147,16 +147,23 @@ def _is_stream(result: Any) -> bool:
     return hasattr(result, "__next__") or hasattr(result, "__anext__")
 
 
+def _begin(endpoint, instance: Any, args: tuple, kwargs: dict) -> "Call | None":
+    """The admitted call, or ``None`` to run unguarded (off, nested, or an internal failure)."""
+    if not RUNTIME.enabled or IN_CALL.get() is not None:
+        return None
+    try:
+        return admit(endpoint, instance, args, kwargs)
+    except RunGuardTripped:
+        raise
+    except Exception as error:
+        internal_error("preflight", error)
+        return None
+
+
 def make_sync_guard(endpoint):
     def guard(wrapped, instance, args, kwargs):
-        if not RUNTIME.enabled or IN_CALL.get() is not None:
-            return wrapped(*args, **kwargs)
-        try:
-            call = admit(endpoint, instance, args, kwargs)
-        except RunGuardTripped:
-            raise
-        except Exception as error:
-            internal_error("preflight", error)
+        call = _begin(endpoint, instance, args, kwargs)
+        if call is None:
             return wrapped(*args, **kwargs)
         token = IN_CALL.set(call)
         try:
@@ -177,14 +184,8 @@ def make_async_guard(endpoint):
     # wrapper itself must be ``async def``; the check runs when the caller awaits,
     # which is still before any byte is sent.
     async def guard(wrapped, instance, args, kwargs):
-        if not RUNTIME.enabled or IN_CALL.get() is not None:
-            return await wrapped(*args, **kwargs)
-        try:
-            call = admit(endpoint, instance, args, kwargs)
-        except RunGuardTripped:
-            raise
-        except Exception as error:
-            internal_error("preflight", error)
+        call = _begin(endpoint, instance, args, kwargs)
+        if call is None:
             return await wrapped(*args, **kwargs)
         token = IN_CALL.set(call)
         try:
@@ -198,5 +199,3 @@ def make_async_guard(endpoint):
 
     guard.runguard_endpoint = endpoint
     return guard
-
-
