@@ -2,7 +2,7 @@
 """What runguard_autolog adds to an OpenAI chat call, measured four ways in one run.
 
     python benchmarks/overhead.py           # full run (~4 min on 2 cores)
-    python benchmarks/overhead.py --quick   # smaller samples (~40 s)
+    python benchmarks/overhead.py --quick   # smaller samples (~40 s; writes results-quick.md)
 
 Every measurement runs in a fresh child process (this script re-invoking itself
 with the hidden ``--child`` argument). The parent only hosts the loopback
@@ -33,7 +33,7 @@ renders the report. The call measured everywhere is
    (``perf_counter_ns`` around admit, forecast, reserve, settle, ...) shows where
    runguard's time goes.
 3. Flatness with session length. Inside one ``runguard.session("bench", <lifted
-   limits>)`` the MockTransport client makes N guarded calls (N = 100,000; 5,000
+   limits>)`` the MockTransport client makes N guarded calls (N = 100,000; 3,000
    with --quick); the paired added latency over a window of pairs and the process
    RSS (``/proc/self/statm`` after ``gc.collect()``) are taken at call 100 and at
    call N.
@@ -81,10 +81,10 @@ FLAT_TOLERANCE = 0.25  # |ratio - 1| allowed for "flat" (500-pair windows carry 
 RSS_TOLERANCE = 0.10
 
 FULL = dict(
-    rounds=3, calls=300, warmup=30,  # part 1, per non-MLflow child
-    mlflow_calls=80, mlflow_warmup=10, pause_s=0.02,  # part 1, per MLflow child
-    paired_rounds=2, http_pairs=1000, mock_pairs=750, direct_pairs=10_000,  # part 2, per child
-    stage_calls=1000,  # part 2 stage breakdown, per pass
+    rounds=3, calls=250, warmup=30,  # part 1, per non-MLflow child
+    mlflow_calls=50, mlflow_warmup=10, pause_s=0.02,  # part 1, per MLflow child
+    paired_rounds=1, http_pairs=2000, mock_pairs=1000, direct_pairs=10_000,  # part 2, per child
+    stage_calls=800,  # part 2 stage breakdown, per pass
     session_calls=100_000, window=500, session_direct_pairs=2000,  # part 3
 )
 QUICK = dict(
@@ -298,9 +298,9 @@ def child_stages(p: dict) -> dict:
     """Median us per stage of runguard's guard *in situ* (MockTransport, between real SDK work).
 
     Two wrapt timers bracket runguard's wrapper, one installed beneath it and one above
-    it, so guard = above - beneath. Pass 0 measures the switched-off wrapper; pass 1
-    times admit and _finish in the same calls as the bracket; pass 2 their parts;
-    pass 3 the single usage-field reads. Timers in one pass never nest (bar the bracket).
+    it, so guard = above - beneath. Pass 0 alternates the switch (paired); pass 1 times
+    admit and _finish in the same calls as the bracket; pass 2 their parts; pass 3 the
+    single usage-field reads. Within a pass no timed stage contains another.
     """
     from runguard_autolog import _guard
     from runguard_autolog._runtime import RUNTIME
@@ -308,29 +308,40 @@ def child_stages(p: dict) -> dict:
 
     bracket: dict[str, list[int]] = {"beneath": [], "above": []}
     install_bracket_timer(bracket["beneath"])
-    install_hook("runguard")
+    set_switch, _ = install_hook("runguard")
     install_bracket_timer(bracket["above"])
     client, calls = mock_client(), p["stage_calls"]
     call = lambda: chat(client)  # noqa: E731
 
-    RUNTIME.enabled = False
-    stages = {"guard switched off (dormant wrapper)": guard_time(bracket, call, calls)}
-    RUNTIME.enabled = True
     guarded_calls(client, 200)
-    stages.update(time_stages([("admit", _guard, "admit"), ("_finish", _guard, "_finish")], call, calls,
-                              bracket=bracket))
-    stages["guard on, total (above - beneath bracket)"] = stages.pop("guard")
-    stages["  rest: IN_CALL set/reset, try/finally, timers"] = (
-        stages["guard on, total (above - beneath bracket)"] - stages["admit"] - stages["_finish"])
-    stages.update(time_stages([
-        ("  admit: open_scopes", _guard, "open_scopes"), ("  admit: charges_for", _guard, "charges_for"),
-        ("  admit: Endpoint.forecast (prompt estimate)", rg_openai.Endpoint, "forecast"),
-        ("  admit: rates_for", _guard, "rates_for"), ("  admit: store.reserve", RUNTIME.store, "reserve"),
-        ("  _finish: Endpoint.usage (read usage)", rg_openai.Endpoint, "usage"),
-        ("  _finish: store.settle", RUNTIME.store, "settle"),
-    ], call, calls))
-    stages.update(time_fields(rg_openai, call, calls))
-    stages["timer overhead per stage (not subtracted)"] = timer_overhead_us()
+    switch = bracket_pairs(set_switch, bracket, call, calls)
+    top = time_stages([("admit", _guard, "admit"), ("_finish", _guard, "_finish")], call, calls, bracket)
+    parts = time_stages([
+        ("open_scopes", _guard, "open_scopes"), ("charges_for", _guard, "charges_for"),
+        ("forecast", rg_openai.Endpoint, "forecast"), ("rates_for", _guard, "rates_for"),
+        ("reserve", RUNTIME.store, "reserve"), ("usage", rg_openai.Endpoint, "usage"),
+        ("settle", RUNTIME.store, "settle"),
+    ], call, calls)
+    fields = time_fields(rg_openai, call, calls)
+    rows = [
+        ("guard on, total (timer above minus timer beneath)", top.get("guard")),
+        ("  admit", top.get("admit")),
+        ("    open_scopes", parts.get("open_scopes")),
+        ("    charges_for", parts.get("charges_for")),
+        ("    Endpoint.forecast (prompt token estimate)", parts.get("forecast")),
+        ("    rates_for", parts.get("rates_for")),
+        ("    store.reserve", parts.get("reserve")),
+        ("  _finish", top.get("_finish")),
+        ("    Endpoint.usage (read usage)", parts.get("usage")),
+        *[(f"      _field(usage, {name!r})", value) for name, value in fields.items()],
+        ("    store.settle", parts.get("settle")),
+    ]
+    if {"guard", "admit", "_finish"} <= top.keys():
+        rows.append(("  rest: IN_CALL set/reset, try/finally, timer shims",
+                     top["guard"] - top["admit"] - top["_finish"]))
+    stages = {label: value for label, value in rows if value is not None}
+    stages.update(switch)
+    stages["timer overhead per timed stage (not subtracted)"] = timer_overhead_us()
     return {"stages": stages}
 
 
@@ -347,25 +358,62 @@ def install_bracket_timer(sink: list) -> None:
     wrapt.wrap_function_wrapper("openai.resources.chat.completions", "Completions.create", bracket)
 
 
-def guard_time(bracket: dict, call, calls: int) -> float:
-    for sink in bracket.values():
-        sink.clear()
-    for _ in range(calls):
-        call()
-    return median_us([a - b for a, b in zip(bracket["above"], bracket["beneath"])])
+def bracket_pairs(set_switch, bracket: dict, call, calls: int) -> dict[str, float]:
+    """Guard on/off alternating: the guard's own time, and the SDK call beneath it."""
+    def sample(flag: bool):
+        def run():
+            set_switch(flag)
+            call()
+            return bracket["above"][-1] - bracket["beneath"][-1], bracket["beneath"][-1]
+        return run
+
+    s = interleave({f: sample(f) for f in (True, False)}, calls)
+    set_switch(True)
+    return {
+        "guard switched off (dormant wrapper), same bracket": median_us([g for g, _ in s[False]]),
+        "guard on minus off, paired, same bracket": median_us([a[0] - b[0] for a, b in zip(s[True], s[False])]),
+        "SDK call beneath the guard, on minus off, paired (runs slower after the guard)":
+            median_us([a[1] - b[1] for a, b in zip(s[True], s[False])]),
+    }
+
+
+def time_stages(targets, call, calls: int, bracket: dict | None = None) -> dict[str, float]:
+    """Replace each (owner, name) with a timing shim for ``calls`` calls; medians in us.
+
+    Targets are private internals: one that no longer exists is skipped, not an error."""
+    targets = [(label, owner, name) for label, owner, name in targets if hasattr(owner, name)]
+    samples: dict[str, list[int]] = {label: [] for label, _, _ in targets}
+    originals = [(owner, name, getattr(owner, name)) for _, owner, name in targets]
+    for (label, owner, name), (_, _, original) in zip(targets, originals):
+        setattr(owner, name, stage_timer(original, samples[label]))
+    if bracket:
+        for sink in bracket.values():
+            sink.clear()
+    try:
+        for _ in range(calls):
+            call()
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    result = {label: median_us(values) for label, values in samples.items()}
+    if bracket:
+        result["guard"] = median_us([a - b for a, b in zip(bracket["above"], bracket["beneath"])])
+    return result
 
 
 def time_fields(rg_openai, call, calls: int) -> dict[str, float]:
-    """Each ``_field(usage, name)`` read of ``_read_usage``, by attribute name."""
+    """Each ``_field(usage, name)`` read of ``_read_usage``, by attribute name (if that helper exists)."""
     samples: dict[str, list[int]] = {}
-    original = rg_openai._field
+    original = getattr(rg_openai, "_field", None)
+    if original is None:
+        return {}
 
     def timed(obj, name):
         start = perf_counter_ns()
         try:
             return original(obj, name)
         finally:
-            samples.setdefault(f"    _field(usage, {name!r})", []).append(perf_counter_ns() - start)
+            samples.setdefault(name, []).append(perf_counter_ns() - start)
 
     rg_openai._field = timed
     try:
@@ -373,27 +421,7 @@ def time_fields(rg_openai, call, calls: int) -> dict[str, float]:
             call()
     finally:
         rg_openai._field = original
-    return {label: median_us(values) for label, values in samples.items()}
-
-
-def time_stages(targets, call, calls: int, bracket: dict | None = None) -> dict[str, float]:
-    """Replace each (owner, name) with a timing shim for ``calls`` calls; medians in us."""
-    samples: dict[str, list[int]] = {label: [] for label, _, _ in targets}
-    originals = [(owner, name, getattr(owner, name)) for _, owner, name in targets]
-    for (label, owner, name), (_, _, original) in zip(targets, originals):
-        setattr(owner, name, stage_timer(original, samples[label]))
-    try:
-        result = {"guard": guard_time(bracket, call, calls)} if bracket else _run(call, calls)
-    finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
-    return {**result, **{label: median_us(values) for label, values in samples.items()}}
-
-
-def _run(call, calls: int) -> dict:
-    for _ in range(calls):
-        call()
-    return {}
+    return {name: median_us(values) for name, values in samples.items()}
 
 
 def stage_timer(original, sink: list):
@@ -589,6 +617,14 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "**FAIL**"
 
 
+def flat_verdict(early: dict, late: dict) -> str:
+    """PASS within tolerance; FAIL only if the two windows' CIs do not overlap, else inconclusive."""
+    if abs(ratio(late["added_us"], early["added_us"]) - 1) <= FLAT_TOLERANCE:
+        return "PASS"
+    overlap = early["ci_us"][0] <= late["ci_us"][1] and late["ci_us"][0] <= early["ci_us"][1]
+    return "inconclusive (the windows' 95% CIs overlap: noise)" if overlap else "**FAIL**"
+
+
 def render(summary: dict, s: dict, mode: str, seconds: float) -> str:
     sections = (header_lines(mode, seconds), targets_table(summary, s), paired_table(summary),
                 ratios_table(summary), stages_table(summary), fresh_table(summary, s),
@@ -606,8 +642,23 @@ def header_lines(mode: str, seconds: float) -> list[str]:
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     command = "python benchmarks/overhead.py" + (" --quick" if mode == "quick" else "")
     return [f"# runguard_autolog overhead ({mode} run)", "",
-            f"{when}; {os.cpu_count()} CPUs ({platform.machine()}); {versions}. "
+            f"{when}; {os.cpu_count()} CPUs ({platform.machine()}); {versions}; {provenance()}. "
             f"`{command}` took {seconds:.0f} s. Figures are microseconds (us) per call unless marked.", ""]
+
+
+def provenance() -> str:
+    """The commit measured, and whether the package had uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "runguard_autolog")
+    except (OSError, subprocess.SubprocessError):
+        return "package commit unknown"
+    if not commit:
+        return "package commit unknown"
+    return f"package at {commit}" + (" plus uncommitted changes" if dirty else "")
 
 
 def targets_table(summary: dict, s: dict) -> list[str]:
@@ -615,6 +666,7 @@ def targets_table(summary: dict, s: dict) -> list[str]:
     mock = summary["ab"][("MockTransport", "runguard")]
     early, late = summary["session"]["early"], summary["session"]["late"]
     added, rss = ratio(late["added_us"], early["added_us"]), ratio(late["rss_mib"], early["rss_mib"])
+    direct = ratio(late["direct"]["added_us"], early["direct"]["added_us"])
     n = f"{s['session_calls']:,}"
     return [
         "## Targets", "",
@@ -624,8 +676,10 @@ def targets_table(summary: dict, s: dict) -> list[str]:
         f"| same over MockTransport (no socket noise) | {fmt(mock['added_us'])} (95% CI {ci_cell(mock)}) | "
         f"{verdict(mock['added_us'] <= TARGET_ADDED_US)} |",
         f"| flat: paired added latency at call {n} / at call 100 = 1 +- {FLAT_TOLERANCE:g} | "
-        f"{fmt(late['added_us'])} / {fmt(early['added_us'])} = {added:.2f} | "
-        f"{verdict(abs(added - 1) <= FLAT_TOLERANCE)} |",
+        f"{fmt(late['added_us'])} / {fmt(early['added_us'])} = {added:.2f} | {flat_verdict(early, late)} |",
+        f"| flat: same, guard called directly (hot caches, {s['session_direct_pairs']:,} pairs) | "
+        f"{fmt(late['direct']['added_us'])} / {fmt(early['direct']['added_us'])} = {direct:.2f} | "
+        f"{flat_verdict(early['direct'], late['direct'])} |",
         f"| flat: process RSS at call {n} / at call 100 = 1 +- {RSS_TOLERANCE:g} | "
         f"{fmt(late['rss_mib'])} / {fmt(early['rss_mib'])} MiB = {rss:.3f} | "
         f"{verdict(abs(rss - 1) <= RSS_TOLERANCE)} |",
@@ -661,16 +715,12 @@ def ratios_table(summary: dict) -> list[str]:
 
 
 def stages_table(summary: dict) -> list[str]:
-    stages = summary["stages"]
-    mock_added = summary["ab"][("MockTransport", "runguard")]["added_us"]
-    guard = stages["guard on, total (above - beneath bracket)"]
-    lines = ["## 2. Where runguard's time goes (in situ: MockTransport calls, guard on; median per stage)", "",
-             "| stage | us |", "|---|---:|"]
-    lines += [f"| {label.replace(' ', '&nbsp;', label.count(' ') - label.lstrip(' ').count(' '))} | "
-              f"{fmt(value, 2)} |" for label, value in stages.items()]
-    lines += [f"| paired added (MockTransport, section 1) minus guard total: the SDK call itself running "
-              f"slower after the guard (cache effects) plus noise | {fmt(mock_added - guard, 2)} |", ""]
-    return lines
+    lines = ["## 2. Where runguard's time goes (in situ: MockTransport calls with the guard on; median "
+             "per stage, us)", "", "| stage | us |", "|---|---:|"]
+    for label, value in summary["stages"].items():
+        indent = len(label) - len(label.lstrip(" "))
+        lines.append(f"| {'&nbsp;' * indent}{label.lstrip(' ')} | {fmt(value, 2)} |")
+    return lines + ["", "Stages come from separate passes, so parts need not add up exactly to their totals.", ""]
 
 
 def fresh_table(summary: dict, s: dict) -> list[str]:

@@ -58,12 +58,12 @@ def trip_exception(trip) -> RunGuardTripped:
 def admit(endpoint, instance: Any, args: tuple, kwargs: dict) -> Call:
     """Reserve this call in every open scope, or raise ``RunGuardTripped`` before it is sent."""
     scopes = open_scopes()
-    charges = charges_for(scopes)
+    charges, limits = charges_for(scopes)
     model, prompt, cap = endpoint.forecast(instance, args, kwargs)
     rates = rates_for(model)
     cost = rates.cost(prompt, cap) if rates is not None else 0.0
     forecast = (1, 1, prompt, cap, prompt + cap, cost)
-    on_trip = scopes[-1].effective()[0]["on_trip"]
+    on_trip = limits["on_trip"]
     reservation, refusal = RUNTIME.store.reserve(charges, forecast, enforce=on_trip == "raise")
     call = Call(endpoint, model, rates, prompt, cap, reservation, scopes, on_trip)
     if refusal is not None:

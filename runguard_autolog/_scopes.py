@@ -115,16 +115,12 @@ def open_scopes() -> list[Scope]:
     return scopes
 
 
-def charges_for(scopes: list[Scope]) -> list[tuple[Scope, tuple]]:
-    """Pair each scope with the limits it enforces on this call."""
-    last = len(scopes) - 1
-    charges = []
-    for position, scope in enumerate(scopes):
-        if position == last:
-            charges.append((scope, scope.effective()[1]))
-        else:
-            charges.append((scope, scope.own_checks))
-    return charges
+def charges_for(scopes: list[Scope]) -> tuple[list[tuple[Scope, tuple]], dict[str, Any]]:
+    """Pair each scope with the limits it enforces on this call; also the innermost's limits."""
+    limits, checks = scopes[-1].effective()
+    charges = [(scope, scope.own_checks) for scope in scopes[:-1]]
+    charges.append((scopes[-1], checks))
+    return charges, limits
 
 
 def innermost() -> Scope:

@@ -33,6 +33,7 @@ All amounts are 6-tuples in :data:`COUNTERS` order.
 from __future__ import annotations
 
 import threading
+from operator import add, sub
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -131,9 +132,7 @@ class MemoryStore:
             if refusal is not None and enforce:
                 return None, refusal
             for scope, _ in charges:
-                reserved = scope.reserved
-                for i in range(6):
-                    reserved[i] += forecast[i]
+                scope.reserved = list(map(add, scope.reserved, forecast))
         return Reservation(charges, forecast), refusal
 
     def settle(self, reservation, actual):
@@ -144,10 +143,8 @@ class MemoryStore:
             reservation.settled = True
             forecast = reservation.forecast
             for scope, checks in reservation.charges:
-                used, reserved = scope.used, scope.reserved
-                for i in range(6):
-                    reserved[i] -= forecast[i]
-                    used[i] += actual[i]
+                scope.reserved = list(map(sub, scope.reserved, forecast))
+                scope.used = used = list(map(add, scope.used, actual))
                 if scope.tripped is None:
                     for index, threshold, limit in checks:
                         if used[index] >= threshold:
@@ -163,13 +160,11 @@ class MemoryStore:
             reservation.settled = True
             forecast = reservation.forecast
             for scope, _ in reservation.charges:
-                reserved = scope.reserved
-                for i in range(6):
-                    reserved[i] -= forecast[i]
+                scope.reserved = list(map(sub, scope.reserved, forecast))
 
     def reset(self, scope):
         with self._lock:
-            scope.used[:] = [0] * 6
+            scope.used = [0] * 6
             scope.tripped = None
 
     def trip(self, scope, trip):

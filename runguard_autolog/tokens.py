@@ -160,6 +160,11 @@ def messages_tokens(messages: Any, model: str) -> int:
     count = counter_for(model)
     total = REPLY_PRIMING
     for message in messages or ():
+        if type(message) is dict and len(message) == 2:  # fast path: {"role": ..., "content": "..."}
+            content = message.get("content")
+            if type(content) is str:
+                total += PER_MESSAGE + count(content)
+                continue
         total += PER_MESSAGE + _content_tokens(_get(message, "content"), count)
         name = _get(message, "name")
         if name:

@@ -72,18 +72,17 @@ class Endpoint:
             usage = getattr(result.parse(), "usage", None)
         if usage is None:
             return None
-        return _read_usage(usage)
+        return _read_usage(usage, self.kind)
 
     # -- stream chunks ---------------------------------------------------------------------
     def chunk_usage(self, chunk: Any) -> tuple[int, int, int] | None:
         if self.kind == "responses":
-            response = getattr(chunk, "response", None)
-            if response is not None and getattr(chunk, "type", "") in _RESPONSES_FINAL:
-                usage = getattr(response, "usage", None)
-                return _read_usage(usage) if usage is not None else None
-            return None
+            if getattr(chunk, "type", "") not in _RESPONSES_FINAL:
+                return None
+            usage = getattr(chunk.response, "usage", None)
+            return _read_usage(usage, "responses") if usage is not None else None
         usage = getattr(chunk, "usage", None)
-        return _read_usage(usage) if usage is not None else None
+        return _read_usage(usage, self.kind) if usage is not None else None
 
     def chunk_text(self, chunk: Any) -> str:
         """The generated text a chunk carries (used to estimate output as it streams)."""
@@ -127,30 +126,30 @@ def _cap(kwargs: dict, *names: str) -> int:
     return 0
 
 
-def _field(obj: Any, name: str) -> Any:
-    if isinstance(obj, dict):
-        return obj.get(name)
-    return getattr(obj, name, None)
+# NB: read only the fields each usage type defines: a missing attribute on a pydantic
+# model costs microseconds (it raises inside ``__getattr__``), and this runs per call.
+_USAGE_FIELDS = {
+    "chat": ("prompt_tokens", "completion_tokens", "prompt_tokens_details"),
+    "completion": ("prompt_tokens", "completion_tokens", "prompt_tokens_details"),
+    "responses": ("input_tokens", "output_tokens", "input_tokens_details"),
+    "embedding": ("prompt_tokens", None, None),
+}
 
 
-def _read_usage(usage: Any) -> tuple[int, int, int]:
-    """Chat/Completions (prompt/completion) or Responses (input/output) usage; ints or a TypeError."""
-    prompt = _field(usage, "prompt_tokens")
-    if prompt is None:
-        prompt = _field(usage, "input_tokens")
-    output = _field(usage, "completion_tokens")
-    if output is None:
-        output = _field(usage, "output_tokens")
-    if output is None:  # embeddings report prompt and total only
-        total = _field(usage, "total_tokens")
-        output = (total - prompt) if isinstance(total, int) and isinstance(prompt, int) else 0
-    details = _field(usage, "prompt_tokens_details") or _field(usage, "input_tokens_details")
-    cached = _field(details, "cached_tokens") if details is not None else 0
-    values = (prompt, output, cached or 0)
-    for value in values:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+def _read_usage(usage: Any, kind: str) -> tuple[int, int, int]:
+    """(input, output, cached input) tokens as ints, or a TypeError for a shape we do not know."""
+    input_name, output_name, details_name = _USAGE_FIELDS[kind]
+    get = usage.get if isinstance(usage, dict) else usage.__getattribute__
+    prompt = get(input_name)
+    output = get(output_name) if output_name else 0
+    details = get(details_name) if details_name else None
+    cached = 0
+    if details is not None:
+        cached = (details.get("cached_tokens") if isinstance(details, dict) else getattr(details, "cached_tokens", 0)) or 0
+    for value in (prompt, output, cached):
+        if type(value) is not int or value < 0:
             raise TypeError(f"unexpected usage shape from openai: {usage!r:.200}")
-    return values
+    return prompt, output, cached
 
 
 CHAT = Endpoint("openai.chat.completions", "chat")
