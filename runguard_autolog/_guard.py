@@ -19,7 +19,8 @@ from typing import Any
 from . import _recording
 from ._errors import RunGuardTripped
 from ._runtime import RUNTIME, internal_error, log_once
-from ._scopes import charges_for, open_scopes
+from ._scopes import current_charges
+from ._store import Reservation
 from .pricing import rates_for
 
 # The call in flight in this context: a nested patched call (stacked patches, a
@@ -27,21 +28,10 @@ from .pricing import rates_for
 IN_CALL: contextvars.ContextVar["Call | None"] = contextvars.ContextVar("runguard_in_call", default=None)
 
 
-class Call:
-    """One admitted call: what was reserved, and how to price and settle it."""
+class Call(Reservation):
+    """One admitted call: what it reserved, and how to price and settle it."""
 
-    __slots__ = ("endpoint", "model", "rates", "prompt", "cap", "reservation", "scopes", "on_trip", "settled_usage")
-
-    def __init__(self, endpoint, model, rates, prompt, cap, reservation, scopes, on_trip):
-        self.endpoint = endpoint
-        self.model = model
-        self.rates = rates
-        self.prompt = prompt
-        self.cap = cap
-        self.reservation = reservation
-        self.scopes = scopes
-        self.on_trip = on_trip
-        self.settled_usage = None
+    __slots__ = ("endpoint", "model", "rates", "prompt", "cap", "on_trip")
 
     def amounts(self, input_tokens: float, output_tokens: float, cached: float = 0) -> tuple:
         rates = self.rates
@@ -57,15 +47,14 @@ def trip_exception(trip) -> RunGuardTripped:
 
 def admit(endpoint, instance: Any, args: tuple, kwargs: dict) -> Call:
     """Reserve this call in every open scope, or raise ``RunGuardTripped`` before it is sent."""
-    scopes = open_scopes()
-    charges, limits = charges_for(scopes)
+    charges, limits = current_charges()
     model, prompt, cap = endpoint.forecast(instance, args, kwargs)
     rates = rates_for(model)
     cost = rates.cost(prompt, cap) if rates is not None else 0.0
-    forecast = (1, 1, prompt, cap, prompt + cap, cost)
-    on_trip = limits["on_trip"]
-    reservation, refusal = RUNTIME.store.reserve(charges, forecast, enforce=on_trip == "raise")
-    call = Call(endpoint, model, rates, prompt, cap, reservation, scopes, on_trip)
+    call = Call(charges, (1, 1, prompt, cap, prompt + cap, cost))
+    call.endpoint, call.model, call.rates, call.prompt, call.cap = endpoint, model, rates, prompt, cap
+    call.on_trip = on_trip = limits["on_trip"]
+    refusal = RUNTIME.store.reserve(call, enforce=on_trip == "raise")
     if refusal is not None:
         refuse(call, refusal.trip, newly=refusal.new, target=endpoint.name)
     return call
@@ -84,8 +73,7 @@ def refuse(call: Call, trip, newly: bool, target: str) -> None:
     try:
         policy(error)
     except BaseException:
-        if call.reservation is not None:
-            RUNTIME.store.release(call.reservation)
+        RUNTIME.store.release(call)
         raise
 
 
@@ -99,9 +87,11 @@ def settle(call: Call, usage: tuple | None) -> None:
         )
         amounts = call.amounts(call.prompt, call.cap)
     else:
-        amounts = call.amounts(*usage)
-    call.settled_usage = amounts
-    for scope, trip in RUNTIME.store.settle(call.reservation, amounts):
+        prompt, output, cached = usage
+        rates = call.rates
+        cost = rates.cost(prompt, output, cached) if rates is not None else 0.0
+        amounts = (1, 1, prompt, output, prompt + output, cost)
+    for scope, trip in RUNTIME.store.settle(call, amounts):
         _recording.tripped(trip, scope)
 
 
@@ -110,14 +100,14 @@ def settle_quietly(call: Call, usage: tuple | None = None) -> None:
         settle(call, usage)
     except Exception as error:
         try:
-            RUNTIME.store.release(call.reservation)
+            RUNTIME.store.release(call)
         finally:
             internal_error("settle", error)
 
 
 def release_quietly(call: Call) -> None:
     try:
-        RUNTIME.store.release(call.reservation)
+        RUNTIME.store.release(call)
     except Exception as error:
         internal_error("release", error)
 
@@ -125,7 +115,7 @@ def release_quietly(call: Call) -> None:
 def _finish(call: Call, result: Any, kwargs: dict) -> Any:
     """After the SDK returned: wrap a stream, or settle. Never raises (except in strict mode)."""
     try:
-        if call.endpoint.is_stream_request(kwargs):
+        if kwargs.get("stream") is True:
             if _is_stream(result):
                 from ._streams import wrap_stream
 
@@ -135,8 +125,8 @@ def _finish(call: Call, result: Any, kwargs: dict) -> Any:
         settle(call, call.endpoint.usage(result))
     except Exception as error:
         try:
-            if not call.reservation.settled:
-                RUNTIME.store.settle(call.reservation, call.amounts(call.prompt, call.cap))
+            if not call.settled:
+                RUNTIME.store.settle(call, call.amounts(call.prompt, call.cap))
         except Exception:
             pass
         internal_error("settle", error)
@@ -147,23 +137,18 @@ def _is_stream(result: Any) -> bool:
     return hasattr(result, "__next__") or hasattr(result, "__anext__")
 
 
-def _begin(endpoint, instance: Any, args: tuple, kwargs: dict) -> "Call | None":
-    """The admitted call, or ``None`` to run unguarded (off, nested, or an internal failure)."""
-    if not RUNTIME.enabled or IN_CALL.get() is not None:
-        return None
-    try:
-        return admit(endpoint, instance, args, kwargs)
-    except RunGuardTripped:
-        raise
-    except Exception as error:
-        internal_error("preflight", error)
-        return None
-
-
+# NB: the two drivers below are deliberately parallel and inline (hot path): the only
+# difference is ``await``. Keep them in step.
 def make_sync_guard(endpoint):
     def guard(wrapped, instance, args, kwargs):
-        call = _begin(endpoint, instance, args, kwargs)
-        if call is None:
+        if not RUNTIME.enabled or IN_CALL.get() is not None:
+            return wrapped(*args, **kwargs)
+        try:
+            call = admit(endpoint, instance, args, kwargs)
+        except RunGuardTripped:
+            raise
+        except Exception as error:
+            internal_error("preflight", error)
             return wrapped(*args, **kwargs)
         token = IN_CALL.set(call)
         try:
@@ -184,8 +169,14 @@ def make_async_guard(endpoint):
     # wrapper itself must be ``async def``; the check runs when the caller awaits,
     # which is still before any byte is sent.
     async def guard(wrapped, instance, args, kwargs):
-        call = _begin(endpoint, instance, args, kwargs)
-        if call is None:
+        if not RUNTIME.enabled or IN_CALL.get() is not None:
+            return await wrapped(*args, **kwargs)
+        try:
+            call = admit(endpoint, instance, args, kwargs)
+        except RunGuardTripped:
+            raise
+        except Exception as error:
+            internal_error("preflight", error)
             return await wrapped(*args, **kwargs)
         token = IN_CALL.set(call)
         try:

@@ -198,9 +198,9 @@ def span_processor(span) -> None:
         from ._scopes import innermost
 
         call = IN_CALL.get()
-        scope = call.scopes[-1] if call is not None else innermost()
+        scope = call.charges[-1][0] if call is not None else innermost()
         used = list(scope.used)
-        if call is not None and not call.reservation.settled:
+        if call is not None and not call.settled:
             # our wrapper sits outside MLflow's: this span's call has not settled yet
             usage = span.get_attribute("mlflow.chat.tokenUsage") or {}
             prompt = usage.get("input_tokens", call.prompt) if isinstance(usage, dict) else call.prompt

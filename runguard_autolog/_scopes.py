@@ -115,12 +115,28 @@ def open_scopes() -> list[Scope]:
     return scopes
 
 
+_process_only = [-1, None, None]  # (version, charges, limits) when no session or run is open
+
+
 def charges_for(scopes: list[Scope]) -> tuple[list[tuple[Scope, tuple]], dict[str, Any]]:
     """Pair each scope with the limits it enforces on this call; also the innermost's limits."""
     limits, checks = scopes[-1].effective()
     charges = [(scope, scope.own_checks) for scope in scopes[:-1]]
     charges.append((scopes[-1], checks))
     return charges, limits
+
+
+def current_charges() -> tuple[Any, dict[str, Any]]:
+    """``charges_for(open_scopes())``, with the common process-only case cached per configuration."""
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if not _SESSIONS.get() and (fluent is None or fluent.active_run() is None):
+        cached = _process_only
+        if cached[0] != RUNTIME.version:
+            limits, checks = PROCESS.effective()
+            cached[1:] = [((PROCESS, checks),), limits]
+            cached[0] = RUNTIME.version
+        return cached[1], cached[2]
+    return charges_for(open_scopes())
 
 
 def innermost() -> Scope:

@@ -10,12 +10,12 @@ same design).
 
 Contract of a store (the in-memory one here; a shared store implements the same):
 
-``reserve(charges, forecast, enforce) -> (Reservation, Refusal | None)``
-    ``charges`` is ``[(scope, checks), ...]`` where ``checks`` is a tuple of
-    ``(counter_index, threshold, limit_name)``. Scopes already tripped, or a
-    limit the forecast would cross, give a ``Refusal``. With ``enforce=True`` a
-    refusal reserves nothing and the Reservation is ``None``; with
-    ``enforce=False`` (shadow mode) the call is reserved anyway. A refusal that
+``reserve(reservation, enforce) -> Refusal | None``
+    ``reservation.charges`` is ``[(scope, checks), ...]`` where ``checks`` is a
+    tuple of ``(counter_index, threshold, limit_name)``; ``reservation.forecast``
+    the amounts to hold. Scopes already tripped, or a limit the forecast would
+    cross, give a ``Refusal``. With ``enforce=True`` a refusal reserves nothing;
+    with ``enforce=False`` (shadow mode) the call is reserved anyway. A refusal that
     the committed usage alone causes (not other calls still in flight) trips the
     scope: it is sticky.
 ``settle(reservation, actual) -> [Trip, ...]``
@@ -33,8 +33,7 @@ All amounts are 6-tuples in :data:`COUNTERS` order.
 from __future__ import annotations
 
 import threading
-from operator import add, sub
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 COUNTERS = ("calls", "requests", "input_tokens", "output_tokens", "total_tokens", "cost_usd")
@@ -91,12 +90,49 @@ class Refusal:
     new: bool = False  # this reservation is what opened it
 
 
-@dataclass
 class Reservation:
-    charges: Sequence[tuple[Any, tuple]]
-    forecast: tuple
-    settled: bool = False
-    extra: dict = field(default_factory=dict)
+    """What one admitted call holds in each scope until it settles or is released."""
+
+    __slots__ = ("charges", "forecast", "settled")
+
+    def __init__(self, charges: Sequence[tuple[Any, tuple]], forecast: tuple) -> None:
+        self.charges = charges
+        self.forecast = forecast
+        self.settled = False
+
+
+def _add(counters: list, amounts: tuple) -> None:
+    # NB: unrolled, in place, under the store's lock: this runs twice per call per scope
+    counters[0] += amounts[0]
+    counters[1] += amounts[1]
+    counters[2] += amounts[2]
+    counters[3] += amounts[3]
+    counters[4] += amounts[4]
+    counters[5] += amounts[5]
+
+
+def _sub(counters: list, amounts: tuple) -> None:
+    counters[0] -= amounts[0]
+    counters[1] -= amounts[1]
+    counters[2] -= amounts[2]
+    counters[3] -= amounts[3]
+    counters[4] -= amounts[4]
+    counters[5] -= amounts[5]
+
+
+def _refusal(scope, index: int, threshold: float, limit: str, wanted: float) -> Refusal:
+    """Why ``wanted`` does not fit; opens the circuit when the committed usage alone forbids it."""
+    used, reserved = scope.used, scope.reserved
+    alone = used[index] + wanted
+    sticky = alone > threshold  # not merely other calls still in flight
+    if used[index] >= threshold:  # already at the ceiling (e.g. charged while an outer scope)
+        trip = make_trip(scope.name, index, threshold, used[index], limit, used)
+    else:
+        observed = alone if sticky else used[index] + reserved[index] + wanted
+        trip = make_trip(scope.name, index, threshold, observed, limit, used, forecast=True)
+    if sticky:
+        scope.tripped = trip
+    return Refusal(scope, trip, sticky, sticky)
 
 
 class MemoryStore:
@@ -105,7 +141,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
 
-    def reserve(self, charges, forecast, enforce=True):
+    def reserve(self, reservation, enforce=True):
+        charges, forecast = reservation.charges, reservation.forecast
         refusal = None
         with self._lock:
             for scope, checks in charges:
@@ -116,40 +153,33 @@ class MemoryStore:
                 for index, threshold, limit in checks:
                     wanted = forecast[index]
                     if used[index] + reserved[index] + wanted > threshold:
-                        alone = used[index] + wanted
-                        sticky = alone > threshold
-                        if used[index] >= threshold:  # already at the ceiling (e.g. charged while outer)
-                            trip = make_trip(scope.name, index, threshold, used[index], limit, used)
-                        else:
-                            observed = alone if sticky else used[index] + reserved[index] + wanted
-                            trip = make_trip(scope.name, index, threshold, observed, limit, used, forecast=True)
-                        if sticky:
-                            scope.tripped = trip
-                        refusal = Refusal(scope, trip, sticky, sticky)
+                        refusal = _refusal(scope, index, threshold, limit, wanted)
                         break
                 if refusal is not None:
                     break
             if refusal is not None and enforce:
-                return None, refusal
+                reservation.settled = True  # nothing is held
+                return refusal
             for scope, _ in charges:
-                scope.reserved = list(map(add, scope.reserved, forecast))
-        return Reservation(charges, forecast), refusal
+                _add(scope.reserved, forecast)
+        return refusal
 
     def settle(self, reservation, actual):
-        trips = []
+        trips = ()
         with self._lock:
             if reservation.settled:
                 return trips
             reservation.settled = True
             forecast = reservation.forecast
             for scope, checks in reservation.charges:
-                scope.reserved = list(map(sub, scope.reserved, forecast))
-                scope.used = used = list(map(add, scope.used, actual))
-                if scope.tripped is None:
+                _sub(scope.reserved, forecast)
+                used = scope.used
+                _add(used, actual)
+                if checks and scope.tripped is None:
                     for index, threshold, limit in checks:
                         if used[index] >= threshold:
                             scope.tripped = make_trip(scope.name, index, threshold, used[index], limit, used)
-                            trips.append((scope, scope.tripped))
+                            trips += ((scope, scope.tripped),)
                             break
         return trips
 
@@ -160,11 +190,11 @@ class MemoryStore:
             reservation.settled = True
             forecast = reservation.forecast
             for scope, _ in reservation.charges:
-                scope.reserved = list(map(sub, scope.reserved, forecast))
+                _sub(scope.reserved, forecast)
 
     def reset(self, scope):
         with self._lock:
-            scope.used = [0] * 6
+            scope.used[:] = [0] * 6
             scope.tripped = None
 
     def trip(self, scope, trip):

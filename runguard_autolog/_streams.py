@@ -38,7 +38,7 @@ class StreamMeter:
         self.count = counter_for(call.model)
         self.checks = [
             (scope, index, threshold, limit)
-            for scope, scope_checks in call.reservation.charges
+            for scope, scope_checks in call.charges
             for index, threshold, limit in scope_checks
             if index in _STREAM_COUNTERS
         ]
@@ -66,7 +66,7 @@ class StreamMeter:
     def _breach(self):
         call = self.call
         now = call.amounts(call.prompt, self.output)
-        forecast = call.reservation.forecast
+        forecast = call.forecast
         for scope, index, threshold, limit in self.checks:
             # what the scope's counter would be if this stream settled now (no lock: a read)
             would_be = scope.used[index] + scope.reserved[index] - forecast[index] + now[index]

@@ -41,7 +41,7 @@ class _Price:
 class Rates:
     """Per-token USD rates of one model."""
 
-    __slots__ = ("model", "input", "output", "cache_read", "context_window")
+    __slots__ = ("model", "input", "output", "cache_read", "context_window", "_flat")
 
     def __init__(self, model: str, model_price: Any, context_window: int | None) -> None:
         self.model = model
@@ -50,8 +50,13 @@ class Rates:
         cache_read = getattr(model_price, "cache_read_mtok", None)
         self.cache_read = _Price(cache_read) if cache_read is not None else self.input
         self.context_window = context_window
+        tiered = self.input.tiers or self.output.tiers or self.cache_read.tiers
+        self._flat = None if tiered else (self.input.base, self.output.base, self.cache_read.base)
 
     def cost(self, input_tokens: float, output_tokens: float, cached_tokens: float = 0) -> float:
+        flat = self._flat
+        if flat is not None:  # the common case, on the hot path: three multiplications
+            return (input_tokens - cached_tokens) * flat[0] + output_tokens * flat[1] + cached_tokens * flat[2]
         uncached = max(input_tokens - cached_tokens, 0)
         return (
             uncached * self.input.per_token(input_tokens)

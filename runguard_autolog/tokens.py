@@ -158,12 +158,16 @@ def _get(message: Any, key: str) -> Any:
 def messages_tokens(messages: Any, model: str) -> int:
     """Chat Completions ``messages`` (dicts or SDK objects)."""
     count = counter_for(model)
+    estimating = count is estimate_text
     total = REPLY_PRIMING
     for message in messages or ():
         if type(message) is dict and len(message) == 2:  # fast path: {"role": ..., "content": "..."}
             content = message.get("content")
             if type(content) is str:
-                total += PER_MESSAGE + count(content)
+                if estimating and content.isascii():
+                    total += PER_MESSAGE + (len(content) + 2) // 3  # estimate_text, inlined
+                else:
+                    total += PER_MESSAGE + count(content)
                 continue
         total += PER_MESSAGE + _content_tokens(_get(message, "content"), count)
         name = _get(message, "name")

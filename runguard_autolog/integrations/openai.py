@@ -36,11 +36,13 @@ class Endpoint:
         kind = self.kind
         if kind == "chat":
             prompt = tokens.messages_tokens(kwargs.get("messages"), model)
-            prompt += tokens.tools_tokens(kwargs.get("tools"), model)
-            cap = _cap(kwargs, "max_completion_tokens", "max_tokens")
-            choices = kwargs.get("n")
-            if isinstance(choices, int) and choices > 1 and cap:
-                cap *= choices
+            if "tools" in kwargs:
+                prompt += tokens.tools_tokens(kwargs["tools"], model)
+            cap = _cap(kwargs, "max_completion_tokens", "max_tokens") if len(kwargs) > 2 else 0
+            if cap and "n" in kwargs:
+                choices = kwargs["n"]
+                if isinstance(choices, int) and choices > 1:
+                    cap *= choices
         elif kind == "responses":
             prompt = tokens.input_tokens(kwargs.get("input"), model)
             instructions = kwargs.get("instructions")
@@ -139,16 +141,18 @@ _USAGE_FIELDS = {
 def _read_usage(usage: Any, kind: str) -> tuple[int, int, int]:
     """(input, output, cached input) tokens as ints, or a TypeError for a shape we do not know."""
     input_name, output_name, details_name = _USAGE_FIELDS[kind]
-    get = usage.get if isinstance(usage, dict) else usage.__getattribute__
-    prompt = get(input_name)
-    output = get(output_name) if output_name else 0
-    details = get(details_name) if details_name else None
+    if isinstance(usage, dict):
+        prompt, output = usage.get(input_name), usage.get(output_name) if output_name else 0
+        details = usage.get(details_name) if details_name else None
+    else:
+        prompt = getattr(usage, input_name)
+        output = getattr(usage, output_name) if output_name else 0
+        details = getattr(usage, details_name) if details_name else None
     cached = 0
     if details is not None:
         cached = (details.get("cached_tokens") if isinstance(details, dict) else getattr(details, "cached_tokens", 0)) or 0
-    for value in (prompt, output, cached):
-        if type(value) is not int or value < 0:
-            raise TypeError(f"unexpected usage shape from openai: {usage!r:.200}")
+    if type(prompt) is not int or type(output) is not int or type(cached) is not int or min(prompt, output, cached) < 0:
+        raise TypeError(f"unexpected usage shape from openai: {usage!r:.200}")
     return prompt, output, cached
 
 

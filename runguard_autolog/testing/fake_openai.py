@@ -222,6 +222,7 @@ class _Server(ThreadingHTTPServer):
 def _handler_for(server: FakeOpenAIServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # else delayed ACKs add ~40 ms to every small reply
 
         def log_message(self, *args: Any) -> None:  # quiet
             pass
