@@ -102,7 +102,7 @@ class Reservation:
 
 
 def _add(counters: list, amounts: tuple) -> None:
-    # NB: unrolled, in place, under the store's lock: this runs twice per call per scope
+    # NB: unrolled and in place, under the store's lock: this is on every call's path
     counters[0] += amounts[0]
     counters[1] += amounts[1]
     counters[2] += amounts[2]
@@ -172,9 +172,19 @@ class MemoryStore:
             reservation.settled = True
             forecast = reservation.forecast
             for scope, checks in reservation.charges:
-                _sub(scope.reserved, forecast)
-                used = scope.used
-                _add(used, actual)
+                held, used = scope.reserved, scope.used
+                held[0] -= forecast[0]
+                held[1] -= forecast[1]
+                held[2] -= forecast[2]
+                held[3] -= forecast[3]
+                held[4] -= forecast[4]
+                held[5] -= forecast[5]
+                used[0] += actual[0]
+                used[1] += actual[1]
+                used[2] += actual[2]
+                used[3] += actual[3]
+                used[4] += actual[4]
+                used[5] += actual[5]
                 if checks and scope.tripped is None:
                     for index, threshold, limit in checks:
                         if used[index] >= threshold:

@@ -9,6 +9,7 @@ do no I/O and keep no state.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from .. import tokens
@@ -35,7 +36,13 @@ class Endpoint:
             model = str(model)
         kind = self.kind
         if kind == "chat":
-            prompt = tokens.messages_tokens(kwargs.get("messages"), model)
+            messages = kwargs.get("messages")
+            if type(messages) is list and len(messages) <= 16:
+                prompt = _plain_messages_estimate(messages, model)  # fast path; None if not plain
+                if prompt is None:
+                    prompt = tokens.messages_tokens(messages, model)
+            else:
+                prompt = tokens.messages_tokens(messages, model)
             if "tools" in kwargs:
                 prompt += tokens.tools_tokens(kwargs["tools"], model)
             cap = _cap(kwargs, "max_completion_tokens", "max_tokens") if len(kwargs) > 2 else 0
@@ -120,6 +127,22 @@ _RESPONSES_DELTAS = (
 )
 
 
+def _plain_messages_estimate(messages: list, model: str) -> int | None:
+    """``tokens.messages_tokens`` for plain ``{"role", "content": str}`` ASCII messages without a
+    tokenizer (the common agent request), in one loop; ``None`` for anything else."""
+    if tokens.counter_for(model) is not tokens.estimate_text:
+        return None
+    total = tokens.REPLY_PRIMING
+    for message in messages:
+        if type(message) is not dict or len(message) != 2:
+            return None
+        content = message.get("content")
+        if type(content) is not str or not content.isascii():
+            return None
+        total += tokens.PER_MESSAGE + (len(content) + 2) // 3
+    return total
+
+
 def _cap(kwargs: dict, *names: str) -> int:
     for name in names:
         value = kwargs.get(name)
@@ -140,14 +163,14 @@ _USAGE_FIELDS = {
 
 def _read_usage(usage: Any, kind: str) -> tuple[int, int, int]:
     """(input, output, cached input) tokens as ints, or a TypeError for a shape we do not know."""
-    input_name, output_name, details_name = _USAGE_FIELDS[kind]
-    if isinstance(usage, dict):
-        prompt, output = usage.get(input_name), usage.get(output_name) if output_name else 0
-        details = usage.get(details_name) if details_name else None
+    if kind == "chat" and type(usage) is not dict:  # the hot case: CompletionUsage
+        prompt, output, details = usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details
     else:
-        prompt = getattr(usage, input_name)
-        output = getattr(usage, output_name) if output_name else 0
-        details = getattr(usage, details_name) if details_name else None
+        input_name, output_name, details_name = _USAGE_FIELDS[kind]
+        get = usage.get if isinstance(usage, dict) else partial(getattr, usage)
+        prompt = get(input_name)
+        output = get(output_name) if output_name else 0
+        details = get(details_name) if details_name else None
     cached = 0
     if details is not None:
         cached = (details.get("cached_tokens") if isinstance(details, dict) else getattr(details, "cached_tokens", 0)) or 0
