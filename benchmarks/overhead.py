@@ -491,10 +491,7 @@ CHILDREN = {"latency": child_latency, "paired": child_paired, "stages": child_st
 def loopback_server():
     from runguard_autolog.testing import FakeOpenAIServer
 
-    server = FakeOpenAIServer()
-    # The shipped handler sends headers and body in separate writes without TCP_NODELAY;
-    # Nagle + delayed ACK then add ~40 ms to every call. Disable Nagle on this instance only.
-    server._httpd.RequestHandlerClass.disable_nagle_algorithm = True
+    server = FakeOpenAIServer()  # sets TCP_NODELAY itself: no Nagle + delayed-ACK stalls
     with server:
         yield server
 
