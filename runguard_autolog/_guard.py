@@ -87,10 +87,7 @@ def settle(call: Call, usage: tuple | None) -> None:
         )
         amounts = call.amounts(call.prompt, call.cap)
     else:
-        prompt, output, cached = usage
-        rates = call.rates
-        cost = rates.cost(prompt, output, cached) if rates is not None else 0.0
-        amounts = (1, 1, prompt, output, prompt + output, cost)
+        amounts = call.amounts(*usage)
     for scope, trip in RUNTIME.store.settle(call, amounts):
         _recording.tripped(trip, scope)
 

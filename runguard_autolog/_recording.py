@@ -162,11 +162,22 @@ def refused(error, trip, newly: bool, target: str) -> None:
         key = (trip.scope, trip.limit, trip.reason)
         if key in _spanned_trips:
             return
-        _spanned_trips.add(key)
         where = _active_run_info()
+        if where is None and not _llm_autolog_on():
+            return  # no run and no LLM tracing: there is no trace for the refusal to appear in
+        _spanned_trips.add(key)
         _WORKER.submit(lambda: _refused_span(error, attributes, target, where))
     except Exception as failure:
         log_once(("record-refusal", type(failure).__name__), "runguard: could not record a refusal (%s)", failure)
+
+
+def _llm_autolog_on() -> bool:
+    try:
+        from mlflow.utils.autologging_utils import autologging_is_disabled
+
+        return not autologging_is_disabled("openai") or not autologging_is_disabled("langchain")
+    except Exception:
+        return False
 
 
 def _refused_span(error, attributes: dict, target: str, where) -> None:

@@ -57,6 +57,7 @@ def tracking(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("runguard-tests")
     yield uri
+    _recording.flush(10)  # runguard's pending writes (e.g. a refused-call span) go to this store
     mlflow.flush_trace_async_logging()
     while mlflow.active_run() is not None:
         mlflow.end_run()

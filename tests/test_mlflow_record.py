@@ -234,3 +234,16 @@ def test_session_on_trip_overrides_autolog(client, server):
         chat(client)
         chat(client)
     assert server.count() == 2
+
+
+def test_a_refusal_outside_any_run_is_traced_when_llm_autolog_is_on(client, server, tracking):
+    mlflow.openai.autolog()
+    runguard.autolog(max_calls=1)
+    chat(client)
+    with pytest.raises(runguard.RunGuardTripped):
+        chat(client)
+    runguard.flush()
+    mlflow.flush_trace_async_logging()
+    spans = [s for t in mlflow.search_traces(return_type="list") for s in t.data.spans]
+    refused = [s for s in spans if s.name == "runguard refused openai.chat.completions"]
+    assert len(refused) == 1 and refused[0].attributes["runguard.limit"] == "max_calls"

@@ -36,13 +36,7 @@ class Endpoint:
             model = str(model)
         kind = self.kind
         if kind == "chat":
-            messages = kwargs.get("messages")
-            if type(messages) is list and len(messages) <= 16:
-                prompt = _plain_messages_estimate(messages, model)  # fast path; None if not plain
-                if prompt is None:
-                    prompt = tokens.messages_tokens(messages, model)
-            else:
-                prompt = tokens.messages_tokens(messages, model)
+            prompt = tokens.messages_tokens(kwargs.get("messages"), model)
             if "tools" in kwargs:
                 prompt += tokens.tools_tokens(kwargs["tools"], model)
             cap = _cap(kwargs, "max_completion_tokens", "max_tokens") if len(kwargs) > 2 else 0
@@ -125,22 +119,6 @@ _RESPONSES_DELTAS = (
     "response.reasoning_text.delta",
     "response.reasoning_summary_text.delta",
 )
-
-
-def _plain_messages_estimate(messages: list, model: str) -> int | None:
-    """``tokens.messages_tokens`` for plain ``{"role", "content": str}`` ASCII messages without a
-    tokenizer (the common agent request), in one loop; ``None`` for anything else."""
-    if tokens.counter_for(model) is not tokens.estimate_text:
-        return None
-    total = tokens.REPLY_PRIMING
-    for message in messages:
-        if type(message) is not dict or len(message) != 2:
-            return None
-        content = message.get("content")
-        if type(content) is not str or not content.isascii():
-            return None
-        total += tokens.PER_MESSAGE + (len(content) + 2) // 3
-    return total
 
 
 def _cap(kwargs: dict, *names: str) -> int:
