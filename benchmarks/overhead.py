@@ -299,8 +299,8 @@ def child_stages(p: dict) -> dict:
 
     Two wrapt timers bracket runguard's wrapper, one installed beneath it and one above
     it, so guard = above - beneath. Pass 0 alternates the switch (paired); pass 1 times
-    admit and _finish in the same calls as the bracket; pass 2 their parts; pass 3 the
-    single usage-field reads. Within a pass no timed stage contains another.
+    admit and _finish in the same calls as the bracket; pass 2 their parts.
+    Within a pass no timed stage contains another.
     """
     from runguard_autolog import _guard
     from runguard_autolog._runtime import RUNTIME
@@ -317,23 +317,19 @@ def child_stages(p: dict) -> dict:
     switch = bracket_pairs(set_switch, bracket, call, calls)
     top = time_stages([("admit", _guard, "admit"), ("_finish", _guard, "_finish")], call, calls, bracket)
     parts = time_stages([
-        ("open_scopes", _guard, "open_scopes"), ("charges_for", _guard, "charges_for"),
-        ("forecast", rg_openai.Endpoint, "forecast"), ("rates_for", _guard, "rates_for"),
+        ("current_charges", _guard, "current_charges"),
+        ("forecast", rg_openai.Endpoint, "forecast"),
         ("reserve", RUNTIME.store, "reserve"), ("usage", rg_openai.Endpoint, "usage"),
         ("settle", RUNTIME.store, "settle"),
     ], call, calls)
-    fields = time_fields(rg_openai, call, calls)
     rows = [
         ("guard on, total (timer above minus timer beneath)", top.get("guard")),
         ("  admit", top.get("admit")),
-        ("    open_scopes", parts.get("open_scopes")),
-        ("    charges_for", parts.get("charges_for")),
+        ("    current_charges (open scopes and their limits)", parts.get("current_charges")),
         ("    Endpoint.forecast (prompt token estimate)", parts.get("forecast")),
-        ("    rates_for", parts.get("rates_for")),
         ("    store.reserve", parts.get("reserve")),
         ("  _finish", top.get("_finish")),
         ("    Endpoint.usage (read usage)", parts.get("usage")),
-        *[(f"      _field(usage, {name!r})", value) for name, value in fields.items()],
         ("    store.settle", parts.get("settle")),
     ]
     if {"guard", "admit", "_finish"} <= top.keys():
@@ -399,29 +395,6 @@ def time_stages(targets, call, calls: int, bracket: dict | None = None) -> dict[
     if bracket:
         result["guard"] = median_us([a - b for a, b in zip(bracket["above"], bracket["beneath"])])
     return result
-
-
-def time_fields(rg_openai, call, calls: int) -> dict[str, float]:
-    """Each ``_field(usage, name)`` read of ``_read_usage``, by attribute name (if that helper exists)."""
-    samples: dict[str, list[int]] = {}
-    original = getattr(rg_openai, "_field", None)
-    if original is None:
-        return {}
-
-    def timed(obj, name):
-        start = perf_counter_ns()
-        try:
-            return original(obj, name)
-        finally:
-            samples.setdefault(name, []).append(perf_counter_ns() - start)
-
-    rg_openai._field = timed
-    try:
-        for _ in range(calls):
-            call()
-    finally:
-        rg_openai._field = original
-    return {name: median_us(values) for name, values in samples.items()}
 
 
 def stage_timer(original, sink: list):

@@ -21,7 +21,10 @@ from ._errors import RunGuardTripped
 from ._runtime import RUNTIME, internal_error, log_once
 from ._scopes import current_charges
 from ._store import Reservation
+from .pricing import OPENAI as OPENAI_RATES
 from .pricing import rates_for
+
+_MISSING = object()
 
 # The call in flight in this context: a nested patched call (stacked patches, a
 # LangChain model over the openai SDK) passes straight through, so it counts once.
@@ -34,8 +37,7 @@ class Call(Reservation):
     __slots__ = ("endpoint", "model", "rates", "prompt", "cap", "on_trip")
 
     def amounts(self, input_tokens: float, output_tokens: float, cached: float = 0) -> tuple:
-        rates = self.rates
-        cost = rates.cost(input_tokens, output_tokens, cached) if rates is not None else 0.0
+        cost = _price(self.rates, input_tokens, output_tokens, cached)
         return (1, 1, input_tokens, output_tokens, input_tokens + output_tokens, cost)
 
 
@@ -45,12 +47,27 @@ def trip_exception(trip) -> RunGuardTripped:
     )
 
 
+def _price(rates, prompt: float, output: float, cached: float = 0) -> float:
+    if rates is None:
+        return 0.0
+    flat = rates.flat
+    if flat is None:
+        return rates.cost(prompt, output, cached)
+    return (prompt - cached) * flat[0] + output * flat[1] + cached * flat[2]
+
+
+# NB: admit() and settle() run around every billed call. They are kept flat on purpose:
+# each extra Python call on this path costs about a microsecond in situ (between two SDK
+# calls the interpreter's caches are cold), which is most of runguard's overhead.
 def admit(endpoint, instance: Any, args: tuple, kwargs: dict) -> Call:
     """Reserve this call in every open scope, or raise ``RunGuardTripped`` before it is sent."""
     charges, limits = current_charges()
     model, prompt, cap = endpoint.forecast(instance, args, kwargs)
-    rates = rates_for(model)
-    cost = rates.cost(prompt, cap) if rates is not None else 0.0
+    rates = OPENAI_RATES.get(model, _MISSING)
+    if rates is _MISSING:
+        rates = rates_for(model)
+    flat = rates.flat if rates is not None else (0.0, 0.0, 0.0)
+    cost = prompt * flat[0] + cap * flat[1] if flat is not None else rates.cost(prompt, cap)
     call = Call(charges, (1, 1, prompt, cap, prompt + cap, cost))
     call.endpoint, call.model, call.rates, call.prompt, call.cap = endpoint, model, rates, prompt, cap
     call.on_trip = on_trip = limits["on_trip"]
@@ -87,7 +104,8 @@ def settle(call: Call, usage: tuple | None) -> None:
         )
         amounts = call.amounts(call.prompt, call.cap)
     else:
-        amounts = call.amounts(*usage)
+        prompt, output, cached = usage
+        amounts = (1, 1, prompt, output, prompt + output, _price(call.rates, prompt, output, cached))
     for scope, trip in RUNTIME.store.settle(call, amounts):
         _recording.tripped(trip, scope)
 

@@ -41,7 +41,7 @@ class _Price:
 class Rates:
     """Per-token USD rates of one model."""
 
-    __slots__ = ("model", "input", "output", "cache_read", "context_window", "_flat")
+    __slots__ = ("model", "input", "output", "cache_read", "context_window", "flat")
 
     def __init__(self, model: str, model_price: Any, context_window: int | None) -> None:
         self.model = model
@@ -51,11 +51,13 @@ class Rates:
         self.cache_read = _Price(cache_read) if cache_read is not None else self.input
         self.context_window = context_window
         tiered = self.input.tiers or self.output.tiers or self.cache_read.tiers
-        self._flat = None if tiered else (self.input.base, self.output.base, self.cache_read.base)
+        # (input, output, cached-input) USD per token when no tier applies: lets the hot path
+        # price a call with three multiplications and no call
+        self.flat = None if tiered else (self.input.base, self.output.base, self.cache_read.base)
 
     def cost(self, input_tokens: float, output_tokens: float, cached_tokens: float = 0) -> float:
-        flat = self._flat
-        if flat is not None:  # the common case, on the hot path: three multiplications
+        flat = self.flat
+        if flat is not None:
             return (input_tokens - cached_tokens) * flat[0] + output_tokens * flat[1] + cached_tokens * flat[2]
         uncached = max(input_tokens - cached_tokens, 0)
         return (
@@ -79,7 +81,13 @@ def rates_for(model: str, provider: str | None = "openai") -> Rates | None:
     rates = _lookup(model, provider)
     with _lock:
         _cache[key] = rates
+        if provider == "openai":
+            OPENAI[model] = rates
     return rates
+
+
+# model -> rates for the openai provider, read directly by the hot path (a miss calls rates_for)
+OPENAI: dict[str, Rates | None] = {}
 
 
 def _lookup(model: str, provider: str | None) -> Rates | None:
@@ -109,3 +117,4 @@ def _lookup(model: str, provider: str | None) -> Rates | None:
 def clear_cache() -> None:
     with _lock:
         _cache.clear()
+        OPENAI.clear()

@@ -157,7 +157,7 @@ def _get(message: Any, key: str) -> Any:
 
 def messages_tokens(messages: Any, model: str) -> int:
     """Chat Completions ``messages`` (dicts or SDK objects)."""
-    count = counter_for(model)
+    count = _counters.get(model, False) or (estimate_text if model in _counters else counter_for(model))
     estimating = count is estimate_text
     total = REPLY_PRIMING
     for message in messages or ():

@@ -75,6 +75,10 @@ class Endpoint:
             usage = getattr(result.parse(), "usage", None)
         if usage is None:
             return None
+        if self.kind == "chat" and type(usage) is _CompletionUsage[0]:  # the hot case, read inline
+            prompt, output, details = usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details
+            if type(prompt) is int and type(output) is int and details is None and prompt >= 0 and output >= 0:
+                return prompt, output, 0
         return _read_usage(usage, self.kind)
 
     # -- stream chunks ---------------------------------------------------------------------
@@ -137,6 +141,18 @@ _USAGE_FIELDS = {
     "responses": ("input_tokens", "output_tokens", "input_tokens_details"),
     "embedding": ("prompt_tokens", None, None),
 }
+
+
+def _completion_usage_type() -> list:
+    try:
+        from openai.types.completion_usage import CompletionUsage
+
+        return [CompletionUsage]
+    except ImportError:  # pragma: no cover - very old SDKs
+        return [None]
+
+
+_CompletionUsage = _completion_usage_type()
 
 
 def _read_usage(usage: Any, kind: str) -> tuple[int, int, int]:
