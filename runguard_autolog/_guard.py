@@ -36,6 +36,17 @@ class Call(Reservation):
 
     __slots__ = ("endpoint", "model", "rates", "prompt", "cap", "on_trip")
 
+    def __init__(self, charges, forecast, endpoint, model, rates, prompt, cap, on_trip) -> None:
+        self.charges = charges
+        self.forecast = forecast
+        self.settled = False
+        self.endpoint = endpoint
+        self.model = model
+        self.rates = rates
+        self.prompt = prompt
+        self.cap = cap
+        self.on_trip = on_trip
+
     def amounts(self, input_tokens: float, output_tokens: float, cached: float = 0) -> tuple:
         cost = _price(self.rates, input_tokens, output_tokens, cached)
         return (1, 1, input_tokens, output_tokens, input_tokens + output_tokens, cost)
@@ -68,9 +79,8 @@ def admit(endpoint, instance: Any, args: tuple, kwargs: dict) -> Call:
         rates = rates_for(model)
     flat = rates.flat if rates is not None else (0.0, 0.0, 0.0)
     cost = prompt * flat[0] + cap * flat[1] if flat is not None else rates.cost(prompt, cap)
-    call = Call(charges, (1, 1, prompt, cap, prompt + cap, cost))
-    call.endpoint, call.model, call.rates, call.prompt, call.cap = endpoint, model, rates, prompt, cap
-    call.on_trip = on_trip = limits["on_trip"]
+    on_trip = limits["on_trip"]
+    call = Call(charges, (1, 1, prompt, cap, prompt + cap, cost), endpoint, model, rates, prompt, cap, on_trip)
     refusal = RUNTIME.store.reserve(call, enforce=on_trip == "raise")
     if refusal is not None:
         refuse(call, refusal.trip, newly=refusal.new, target=endpoint.name)

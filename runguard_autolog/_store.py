@@ -101,17 +101,8 @@ class Reservation:
         self.settled = False
 
 
-def _add(counters: list, amounts: tuple) -> None:
-    # NB: unrolled and in place, under the store's lock: this is on every call's path
-    counters[0] += amounts[0]
-    counters[1] += amounts[1]
-    counters[2] += amounts[2]
-    counters[3] += amounts[3]
-    counters[4] += amounts[4]
-    counters[5] += amounts[5]
-
-
 def _sub(counters: list, amounts: tuple) -> None:
+    # NB: the reserve and settle paths do this inline (hot); release is rarer
     counters[0] -= amounts[0]
     counters[1] -= amounts[1]
     counters[2] -= amounts[2]
@@ -161,7 +152,13 @@ class MemoryStore:
                 reservation.settled = True  # nothing is held
                 return refusal
             for scope, _ in charges:
-                _add(scope.reserved, forecast)
+                held = scope.reserved
+                held[0] += forecast[0]
+                held[1] += forecast[1]
+                held[2] += forecast[2]
+                held[3] += forecast[3]
+                held[4] += forecast[4]
+                held[5] += forecast[5]
         return refusal
 
     def settle(self, reservation, actual):
