@@ -14,6 +14,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import contextvars
+import threading
 from typing import Any
 
 from . import _recording
@@ -28,7 +29,21 @@ _MISSING = object()
 
 # The call in flight in this context: a nested patched call (stacked patches, a
 # LangChain model over the openai SDK) passes straight through, so it counts once.
+# Async calls are marked in a ContextVar (tasks interleave on one thread); sync calls in a
+# thread-local, which is cheaper and exact because a sync call never yields its thread.
 IN_CALL: contextvars.ContextVar["Call | None"] = contextvars.ContextVar("runguard_in_call", default=None)
+
+
+class _ThreadMark(threading.local):
+    call: "Call | None" = None
+
+
+IN_SYNC_CALL = _ThreadMark()
+
+
+def in_flight() -> "Call | None":
+    """The guarded call running in this thread/task, if any."""
+    return IN_SYNC_CALL.call or IN_CALL.get()
 
 
 class Call(Reservation):
@@ -147,7 +162,18 @@ def _finish(call: Call, result: Any, kwargs: dict) -> Any:
                 return wrap_stream(result, call)
             settle(call, None)  # a raw streaming response we cannot meter: charge the forecast
             return result
-        settle(call, call.endpoint.usage(result))
+        usage = call.endpoint.usage(result)
+        rates = call.rates
+        if usage is None or rates is None or rates.flat is None:
+            settle(call, usage)
+            return result
+        # the common case, inline (hot path): a priced model and reported usage
+        prompt, output, cached = usage
+        flat = rates.flat
+        cost = (prompt - cached) * flat[0] + output * flat[1] + cached * flat[2]
+        trips = RUNTIME.store.settle(call, (1, 1, prompt, output, prompt + output, cost))
+        for scope, trip in trips:
+            _recording.tripped(trip, scope)
     except Exception as error:
         try:
             if not call.settled:
@@ -166,7 +192,8 @@ def _is_stream(result: Any) -> bool:
 # difference is ``await``. Keep them in step.
 def make_sync_guard(endpoint):
     def guard(wrapped, instance, args, kwargs):
-        if not RUNTIME.enabled or IN_CALL.get() is not None:
+        mark = IN_SYNC_CALL
+        if not RUNTIME.enabled or mark.call is not None or IN_CALL.get() is not None:
             return wrapped(*args, **kwargs)
         try:
             call = admit(endpoint, instance, args, kwargs)
@@ -175,14 +202,14 @@ def make_sync_guard(endpoint):
         except Exception as error:
             internal_error("preflight", error)
             return wrapped(*args, **kwargs)
-        token = IN_CALL.set(call)
+        mark.call = call
         try:
             result = wrapped(*args, **kwargs)
         except BaseException:
             release_quietly(call)
             raise
         finally:
-            IN_CALL.reset(token)
+            mark.call = None
         return _finish(call, result, kwargs)
 
     guard.runguard_endpoint = endpoint
@@ -194,7 +221,7 @@ def make_async_guard(endpoint):
     # wrapper itself must be ``async def``; the check runs when the caller awaits,
     # which is still before any byte is sent.
     async def guard(wrapped, instance, args, kwargs):
-        if not RUNTIME.enabled or IN_CALL.get() is not None:
+        if not RUNTIME.enabled or IN_CALL.get() is not None or IN_SYNC_CALL.call is not None:
             return await wrapped(*args, **kwargs)
         try:
             call = admit(endpoint, instance, args, kwargs)

@@ -205,10 +205,10 @@ def span_processor(span) -> None:
     if not RUNTIME.enabled or str(getattr(span, "span_type", "")) not in LLM_SPAN_TYPES:
         return
     try:
-        from ._guard import IN_CALL
+        from ._guard import in_flight
         from ._scopes import innermost
 
-        call = IN_CALL.get()
+        call = in_flight()
         scope = call.charges[-1][0] if call is not None else innermost()
         used = list(scope.used)
         if call is not None and not call.settled:

@@ -16,7 +16,7 @@ import wrapt
 
 from . import _recording
 from ._errors import RunGuardTripped
-from ._guard import IN_CALL, Call, settle_quietly, trip_exception
+from ._guard import IN_CALL, IN_SYNC_CALL, Call, settle_quietly, trip_exception
 from ._runtime import RUNTIME, internal_error, log_once
 from ._store import COST, OUTPUT, TOTAL, make_trip
 from .tokens import counter_for
@@ -117,14 +117,15 @@ class SyncStreamProxy(wrapt.ObjectProxy):
 
     def __next__(self):
         meter = self._self_meter
-        token = IN_CALL.set(meter.call)  # MLflow's span may end inside: it sees this call in flight
+        mark = IN_SYNC_CALL
+        outer, mark.call = mark.call, meter.call  # MLflow's span may end inside: it sees this call
         try:
             chunk = self.__wrapped__.__next__()
         except BaseException:
             meter.finish()
             raise
         finally:
-            IN_CALL.reset(token)
+            mark.call = outer
         found = meter.account(chunk)
         if found is not None:
             raise _cut(meter, found, self.__wrapped__.close)
