@@ -124,3 +124,13 @@ def test_tracking_failures_never_replace_the_trip(client, server, tracking, capl
     messages = [r.message for r in caplog.records if r.name == "runguard_autolog"]
     assert any("could not write to MLflow" in m for m in messages)
     assert any("could not record a refusal" in m for m in messages)
+
+
+def test_one_shot_iterables_are_counted_without_being_consumed(client, server):
+    runguard.autolog(max_calls=5)
+    messages = ({"role": "user", "content": f"part {i}"} for i in range(3))
+    chat(client, messages=messages)
+    assert [m["content"] for m in server.requests[-1]["body"]["messages"]] == ["part 0", "part 1", "part 2"]
+    client.embeddings.create(model="text-embedding-3-small", input=iter(["a", "b"]))
+    assert server.requests[-1]["body"]["input"] == ["a", "b"]
+    assert runguard.current().calls == 2

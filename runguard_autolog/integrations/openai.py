@@ -10,6 +10,7 @@ do no I/O and keep no state.
 from __future__ import annotations
 
 from functools import partial
+from collections.abc import Iterator
 from typing import Any
 
 from .. import tokens
@@ -36,7 +37,10 @@ class Endpoint:
             model = str(model)
         kind = self.kind
         if kind == "chat":
-            prompt = tokens.messages_tokens(kwargs.get("messages"), model)
+            messages = kwargs.get("messages")
+            if type(messages) is not list:
+                messages = _reusable(kwargs, "messages")
+            prompt = tokens.messages_tokens(messages, model)
             if "tools" in kwargs:
                 prompt += tokens.tools_tokens(kwargs["tools"], model)
             cap = _cap(kwargs, "max_completion_tokens", "max_tokens") if len(kwargs) > 2 else 0
@@ -45,20 +49,20 @@ class Endpoint:
                 if isinstance(choices, int) and choices > 1:
                     cap *= choices
         elif kind == "responses":
-            prompt = tokens.input_tokens(kwargs.get("input"), model)
+            prompt = tokens.input_tokens(_reusable(kwargs, "input"), model)
             instructions = kwargs.get("instructions")
             if isinstance(instructions, str):
                 prompt += tokens.counter_for(model)(instructions)
             prompt += tokens.tools_tokens(kwargs.get("tools"), model)
             cap = _cap(kwargs, "max_output_tokens")
         elif kind == "completion":
-            prompt = tokens.input_tokens(kwargs.get("prompt"), model)
+            prompt = tokens.input_tokens(_reusable(kwargs, "prompt"), model)
             cap = _cap(kwargs, "max_tokens")
             choices = kwargs.get("n")
             if isinstance(choices, int) and choices > 1 and cap:
                 cap *= choices
         else:  # embeddings
-            prompt = tokens.input_tokens(kwargs.get("input"), model)
+            prompt = tokens.input_tokens(_reusable(kwargs, "input"), model)
             cap = 0
         return model, prompt, cap
 
@@ -123,6 +127,15 @@ _RESPONSES_DELTAS = (
     "response.reasoning_text.delta",
     "response.reasoning_summary_text.delta",
 )
+
+
+def _reusable(kwargs: dict, name: str) -> Any:
+    """The request field, with a one-shot iterable (a generator of messages, say) turned into a
+    list in ``kwargs`` first, so counting it does not consume what the SDK is about to send."""
+    value = kwargs.get(name)
+    if value is not None and not isinstance(value, (str, bytes, list, tuple, dict)) and isinstance(value, Iterator):
+        value = kwargs[name] = list(value)
+    return value
 
 
 def _cap(kwargs: dict, *names: str) -> int:
