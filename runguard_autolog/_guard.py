@@ -8,7 +8,8 @@ Rules it keeps:
 - Exceptions of the SDK call itself propagate unchanged.
 - A call whose result the user has paid for is never turned into an exception
   (a stream cut mid-flight is the one exception).
-- No I/O and one lock per call; MLflow writes are handed to a background worker.
+- No I/O; one lock, taken once to reserve and once to settle; MLflow writes are handed to
+  a background worker.
 """
 
 from __future__ import annotations
