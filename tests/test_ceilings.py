@@ -283,3 +283,11 @@ def test_raw_response_calls_are_counted_with_their_usage(client, server):
     with pytest.raises(runguard.RunGuardTripped):
         client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
     assert server.count() == 1
+
+
+def test_a_zero_ceiling_refuses_the_first_call(client, server):
+    runguard.autolog(max_calls=0)
+    with pytest.raises(runguard.RunGuardTripped) as info:
+        chat(client)
+    assert info.value.reason == "call ceiling hit (0/0)"
+    assert server.count() == 0

@@ -124,3 +124,12 @@ def test_stream_with_cap_is_refused_up_front_when_the_cap_does_not_fit(client, s
     with pytest.raises(runguard.RunGuardTripped):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, max_tokens=50)
     assert server.count() == 0
+
+
+def test_shadow_mode_records_a_mid_stream_breach_but_lets_the_stream_finish(client, server, caplog):
+    server.default = Reply(content=" ".join(["w"] * 60))
+    runguard.autolog(max_output_tokens=20, on_trip="warn")
+    chunks = [c for c in client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)]
+    assert len(chunks) >= 60
+    assert _wait_for(lambda: server.streams_completed == 1)
+    assert any("would cut stream" in r.message for r in caplog.records)
