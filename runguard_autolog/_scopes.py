@@ -70,6 +70,9 @@ _runs_lock = threading.Lock()
 _anonymous = itertools.count(1)
 
 
+_UNKNOWN = object()
+
+
 def _active_run():
     fluent = sys.modules.get("mlflow.tracking.fluent")
     if fluent is None:
@@ -102,10 +105,11 @@ def drop_run(run_id: str) -> Scope | None:
         return _RUNS.pop(run_id, None)
 
 
-def open_scopes() -> list[Scope]:
+def open_scopes(run: Any = _UNKNOWN) -> list[Scope]:
     """Scopes charged by a call here, outermost first; the last is the innermost unit of work."""
     scopes = [PROCESS, *_SESSIONS.get()]
-    run = _active_run()
+    if run is _UNKNOWN:
+        run = _active_run()
     if run is not None:
         scope = run_scope(run)
         position = len(scopes)
@@ -129,14 +133,15 @@ def charges_for(scopes: list[Scope]) -> tuple[list[tuple[Scope, tuple]], dict[st
 def current_charges() -> tuple[Any, dict[str, Any]]:
     """``charges_for(open_scopes())``, with the common process-only case cached per configuration."""
     fluent = sys.modules.get("mlflow.tracking.fluent")
-    if not _SESSIONS.get() and (fluent is None or fluent.active_run() is None):
+    run = None if fluent is None else fluent.active_run()
+    if run is None and not _SESSIONS.get():
         cached = _process_only
         if cached[0] != RUNTIME.version:
             limits, checks = PROCESS.effective()
             cached[1:] = [((PROCESS, checks),), limits]
             cached[0] = RUNTIME.version
         return cached[1], cached[2]
-    return charges_for(open_scopes())
+    return charges_for(open_scopes(run))
 
 
 def innermost() -> Scope:
