@@ -14,10 +14,10 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from ._runtime import RUNTIME, log_once, logger
-from ._store import CALLS, COST, INPUT, OUTPUT, REQUESTS, TOTAL
+from ._store import CALLS, COST, INPUT, OUTPUT, TOTAL
 
 TAG_TRIPPED = "runguard.tripped"
 TAG_TRIP_LIMIT = "runguard.trip_limit"
@@ -257,4 +257,4 @@ def write_run_summary(run_id: str, scope) -> None:
     _write_run(run_id, mlflow.get_tracking_uri(), metrics, {})
 
 
-__all__ = ["flush", "tripped", "refused", "span_processor", "REQUESTS"]
+__all__ = ["flush", "tripped", "refused", "span_processor"]

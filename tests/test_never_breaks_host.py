@@ -3,7 +3,6 @@ SDK errors propagate unchanged; only RunGuardTripped is raised by design."""
 
 from __future__ import annotations
 
-import logging
 
 import httpx
 import openai

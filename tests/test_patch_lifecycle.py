@@ -91,7 +91,7 @@ except r.RunGuardTripped as e:
 
 
 def test_a_hook_firing_after_disable_installs_nothing(server):
-    code = f"""
+    code = """
 import runguard_autolog as r
 r.autolog(max_calls=1)
 r.autolog(disable=True)
