@@ -23,10 +23,7 @@ from ._errors import RunGuardTripped
 from ._runtime import RUNTIME, internal_error, log_once
 from ._scopes import current_charges
 from ._store import Reservation
-from .pricing import OPENAI as OPENAI_RATES
 from .pricing import rates_for
-
-_MISSING = object()
 
 # The call in flight in this context: a nested patched call (stacked patches, a
 # LangChain model over the openai SDK) passes straight through, so it counts once.
@@ -75,28 +72,21 @@ def trip_exception(trip) -> RunGuardTripped:
 
 
 def _price(rates, prompt: float, output: float, cached: float = 0) -> float:
-    if rates is None:
-        return 0.0
-    flat = rates.flat
-    if flat is None:
-        return rates.cost(prompt, output, cached)
-    return (prompt - cached) * flat[0] + output * flat[1] + cached * flat[2]
+    """USD for this usage; an unpriced model costs 0 (documented)."""
+    return rates.cost(prompt, output, cached) if rates is not None else 0.0
 
 
-# NB: admit() and settle() run around every billed call. They are kept flat on purpose:
-# each extra Python call on this path costs about a microsecond in situ (between two SDK
-# calls the interpreter's caches are cold), which is most of runguard's overhead.
+# NB: admit() and settle() run around every billed call: keep them short. Between two SDK
+# calls the interpreter's caches are cold, so every line here costs several times what a
+# micro-benchmark shows (see benchmarks/README.md).
 def admit(endpoint, instance: Any, args: tuple, kwargs: dict) -> Call:
     """Reserve this call in every open scope, or raise ``RunGuardTripped`` before it is sent."""
     charges, limits = current_charges()
     model, prompt, cap = endpoint.forecast(instance, args, kwargs)
-    rates = OPENAI_RATES.get(model, _MISSING)
-    if rates is _MISSING:
-        rates = rates_for(model)
-    flat = rates.flat if rates is not None else (0.0, 0.0, 0.0)
-    cost = prompt * flat[0] + cap * flat[1] if flat is not None else rates.cost(prompt, cap)
+    rates = rates_for(model)
     on_trip = limits["on_trip"]
-    call = Call(charges, (1, 1, prompt, cap, prompt + cap, cost), endpoint, model, rates, prompt, cap, on_trip)
+    forecast = (1, 1, prompt, cap, prompt + cap, _price(rates, prompt, cap))
+    call = Call(charges, forecast, endpoint, model, rates, prompt, cap, on_trip)
     refusal = RUNTIME.store.reserve(call, enforce=on_trip == "raise")
     if refusal is not None:
         refuse(call, refusal.trip, newly=refusal.new, target=endpoint.name)
@@ -130,8 +120,7 @@ def settle(call: Call, usage: tuple | None) -> None:
         )
         amounts = call.amounts(call.prompt, call.cap)
     else:
-        prompt, output, cached = usage
-        amounts = (1, 1, prompt, output, prompt + output, _price(call.rates, prompt, output, cached))
+        amounts = call.amounts(*usage)
     for scope, trip in RUNTIME.store.settle(call, amounts):
         _recording.tripped(trip, scope)
 
@@ -163,18 +152,7 @@ def _finish(call: Call, result: Any, kwargs: dict) -> Any:
                 return wrap_stream(result, call)
             settle(call, None)  # a raw streaming response we cannot meter: charge the forecast
             return result
-        usage = call.endpoint.usage(result)
-        rates = call.rates
-        if usage is None or rates is None or rates.flat is None:
-            settle(call, usage)
-            return result
-        # the common case, inline (hot path): a priced model and reported usage
-        prompt, output, cached = usage
-        flat = rates.flat
-        cost = (prompt - cached) * flat[0] + output * flat[1] + cached * flat[2]
-        trips = RUNTIME.store.settle(call, (1, 1, prompt, output, prompt + output, cost))
-        for scope, trip in trips:
-            _recording.tripped(trip, scope)
+        settle(call, call.endpoint.usage(result))
     except Exception as error:
         try:
             if not call.settled:

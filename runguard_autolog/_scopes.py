@@ -132,8 +132,7 @@ def charges_for(scopes: list[Scope]) -> tuple[list[tuple[Scope, tuple]], dict[st
 
 def current_charges() -> tuple[Any, dict[str, Any]]:
     """``charges_for(open_scopes())``, with the common process-only case cached per configuration."""
-    fluent = sys.modules.get("mlflow.tracking.fluent")
-    run = None if fluent is None else fluent.active_run()
+    run = _active_run()
     if run is None and not _SESSIONS.get():
         cached = _process_only
         if cached[0] != RUNTIME.version:

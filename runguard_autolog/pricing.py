@@ -81,13 +81,7 @@ def rates_for(model: str, provider: str | None = "openai") -> Rates | None:
     rates = _lookup(model, provider)
     with _lock:
         _cache[key] = rates
-        if provider == "openai":
-            OPENAI[model] = rates
     return rates
-
-
-# model -> rates for the openai provider, read directly by the hot path (a miss calls rates_for)
-OPENAI: dict[str, Rates | None] = {}
 
 
 def _lookup(model: str, provider: str | None) -> Rates | None:
@@ -117,4 +111,3 @@ def _lookup(model: str, provider: str | None) -> Rates | None:
 def clear_cache() -> None:
     with _lock:
         _cache.clear()
-        OPENAI.clear()

@@ -66,10 +66,6 @@ class Endpoint:
             cap = 0
         return model, prompt, cap
 
-    @staticmethod
-    def is_stream_request(kwargs: dict) -> bool:
-        return kwargs.get("stream") is True
-
     # -- response --------------------------------------------------------------------------
     def usage(self, result: Any) -> tuple[int, int, int] | None:
         """(input, output, cached input) tokens from a response, ``None`` when absent."""
