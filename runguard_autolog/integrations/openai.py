@@ -37,17 +37,13 @@ class Endpoint:
             model = str(model)
         kind = self.kind
         if kind == "chat":
-            messages = kwargs.get("messages")
-            if type(messages) is not list:
-                messages = _reusable(kwargs, "messages")
-            prompt = tokens.messages_tokens(messages, model)
+            prompt = tokens.messages_tokens(_reusable(kwargs, "messages"), model)
             if "tools" in kwargs:
                 prompt += tokens.tools_tokens(kwargs["tools"], model)
-            cap = _cap(kwargs, "max_completion_tokens", "max_tokens") if len(kwargs) > 2 else 0
-            if cap and "n" in kwargs:
-                choices = kwargs["n"]
-                if isinstance(choices, int) and choices > 1:
-                    cap *= choices
+            cap = _cap(kwargs, "max_completion_tokens", "max_tokens")
+            choices = kwargs.get("n")
+            if isinstance(choices, int) and choices > 1 and cap:
+                cap *= choices
         elif kind == "responses":
             prompt = tokens.input_tokens(_reusable(kwargs, "input"), model)
             instructions = kwargs.get("instructions")
@@ -75,10 +71,6 @@ class Endpoint:
             usage = getattr(result.parse(), "usage", None)
         if usage is None:
             return None
-        if self.kind == "chat" and type(usage) is _CompletionUsage[0]:  # the hot case, read inline
-            prompt, output, details = usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details
-            if type(prompt) is int and type(output) is int and details is None and prompt >= 0 and output >= 0:
-                return prompt, output, 0
         return _read_usage(usage, self.kind)
 
     # -- stream chunks ---------------------------------------------------------------------
@@ -129,7 +121,7 @@ def _reusable(kwargs: dict, name: str) -> Any:
     """The request field, with a one-shot iterable (a generator of messages, say) turned into a
     list in ``kwargs`` first, so counting it does not consume what the SDK is about to send."""
     value = kwargs.get(name)
-    if value is not None and not isinstance(value, (str, bytes, list, tuple, dict)) and isinstance(value, Iterator):
+    if isinstance(value, Iterator):
         value = kwargs[name] = list(value)
     return value
 
@@ -150,18 +142,6 @@ _USAGE_FIELDS = {
     "responses": ("input_tokens", "output_tokens", "input_tokens_details"),
     "embedding": ("prompt_tokens", None, None),
 }
-
-
-def _completion_usage_type() -> list:
-    try:
-        from openai.types.completion_usage import CompletionUsage
-
-        return [CompletionUsage]
-    except ImportError:  # pragma: no cover - very old SDKs
-        return [None]
-
-
-_CompletionUsage = _completion_usage_type()
 
 
 def _read_usage(usage: Any, kind: str) -> tuple[int, int, int]:
