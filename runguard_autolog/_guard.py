@@ -50,9 +50,7 @@ class Call(Reservation):
     __slots__ = ("endpoint", "model", "rates", "prompt", "cap", "on_trip")
 
     def __init__(self, charges, forecast, endpoint, model, rates, prompt, cap, on_trip) -> None:
-        self.charges = charges
-        self.forecast = forecast
-        self.settled = False
+        Reservation.__init__(self, charges, forecast)
         self.endpoint = endpoint
         self.model = model
         self.rates = rates

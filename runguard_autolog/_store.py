@@ -101,8 +101,17 @@ class Reservation:
         self.settled = False
 
 
+def _add(counters: list, amounts: tuple) -> None:
+    # NB: unrolled and in place (called under the store's lock on every call)
+    counters[0] += amounts[0]
+    counters[1] += amounts[1]
+    counters[2] += amounts[2]
+    counters[3] += amounts[3]
+    counters[4] += amounts[4]
+    counters[5] += amounts[5]
+
+
 def _sub(counters: list, amounts: tuple) -> None:
-    # NB: the reserve and settle paths do this inline (hot); release is rarer
     counters[0] -= amounts[0]
     counters[1] -= amounts[1]
     counters[2] -= amounts[2]
@@ -152,13 +161,7 @@ class MemoryStore:
                 reservation.settled = True  # nothing is held
                 return refusal
             for scope, _ in charges:
-                held = scope.reserved
-                held[0] += forecast[0]
-                held[1] += forecast[1]
-                held[2] += forecast[2]
-                held[3] += forecast[3]
-                held[4] += forecast[4]
-                held[5] += forecast[5]
+                _add(scope.reserved, forecast)
         return refusal
 
     def settle(self, reservation, actual):
@@ -169,19 +172,9 @@ class MemoryStore:
             reservation.settled = True
             forecast = reservation.forecast
             for scope, checks in reservation.charges:
-                held, used = scope.reserved, scope.used
-                held[0] -= forecast[0]
-                held[1] -= forecast[1]
-                held[2] -= forecast[2]
-                held[3] -= forecast[3]
-                held[4] -= forecast[4]
-                held[5] -= forecast[5]
-                used[0] += actual[0]
-                used[1] += actual[1]
-                used[2] += actual[2]
-                used[3] += actual[3]
-                used[4] += actual[4]
-                used[5] += actual[5]
+                used = scope.used
+                _sub(scope.reserved, forecast)
+                _add(used, actual)
                 if checks and scope.tripped is None:
                     for index, threshold, limit in checks:
                         if used[index] >= threshold:
