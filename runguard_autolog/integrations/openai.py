@@ -37,13 +37,18 @@ class Endpoint:
             model = str(model)
         kind = self.kind
         if kind == "chat":
-            prompt = tokens.messages_tokens(_reusable(kwargs, "messages"), model)
+            messages = kwargs.get("messages")
+            if type(messages) is not list:  # the usual list needs no copying
+                messages = _reusable(kwargs, "messages")
+            prompt = tokens.messages_tokens(messages, model)
             if "tools" in kwargs:
                 prompt += tokens.tools_tokens(kwargs["tools"], model)
-            cap = _cap(kwargs, "max_completion_tokens", "max_tokens")
-            choices = kwargs.get("n")
-            if isinstance(choices, int) and choices > 1 and cap:
-                cap *= choices
+            cap = 0
+            if "max_completion_tokens" in kwargs or "max_tokens" in kwargs:
+                cap = _cap(kwargs, "max_completion_tokens", "max_tokens")
+                choices = kwargs.get("n")
+                if isinstance(choices, int) and choices > 1 and cap:
+                    cap *= choices
         elif kind == "responses":
             prompt = tokens.input_tokens(_reusable(kwargs, "input"), model)
             instructions = kwargs.get("instructions")
@@ -121,15 +126,16 @@ def _reusable(kwargs: dict, name: str) -> Any:
     """The request field, with a one-shot iterable (a generator of messages, say) turned into a
     list in ``kwargs`` first, so counting it does not consume what the SDK is about to send."""
     value = kwargs.get(name)
-    if isinstance(value, Iterator):
+    if type(value) is not list and isinstance(value, Iterator):  # NB: ABC checks are slow; lists skip it
         value = kwargs[name] = list(value)
     return value
 
 
 def _cap(kwargs: dict, *names: str) -> int:
+    """The request's output-token cap, 0 when it has none."""
     for name in names:
         value = kwargs.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        if value is not None and type(value) is int and value > 0:
             return value
     return 0
 
@@ -157,7 +163,7 @@ def _read_usage(usage: Any, kind: str) -> tuple[int, int, int]:
     cached = 0
     if details is not None:
         cached = (details.get("cached_tokens") if isinstance(details, dict) else getattr(details, "cached_tokens", 0)) or 0
-    if type(prompt) is not int or type(output) is not int or type(cached) is not int or min(prompt, output, cached) < 0:
+    if type(prompt) is not int or type(output) is not int or type(cached) is not int or prompt < 0 or output < 0 or cached < 0:
         raise TypeError(f"unexpected usage shape from openai: {usage!r:.200}")
     return prompt, output, cached
 
