@@ -44,22 +44,36 @@ def in_flight() -> "Call | None":
     return IN_SYNC_CALL.call or IN_CALL.get()
 
 
+_UNPRICED = (0.0, 0.0, 0.0)  # a model genai-prices does not know costs 0 (documented)
+_MISSING = object()
+
+
 class Call(Reservation):
     """One admitted call: what it reserved, and how to price and settle it."""
 
-    __slots__ = ("endpoint", "model", "rates", "prompt", "cap", "on_trip")
+    __slots__ = ("endpoint", "model", "rates", "flat", "prompt", "cap", "on_trip")
 
-    def __init__(self, charges, forecast, endpoint, model, rates, prompt, cap, on_trip) -> None:
-        Reservation.__init__(self, charges, forecast)
+    def __init__(self, charges, endpoint, model, rates, prompt, cap, on_trip) -> None:
+        # NB: Reservation's fields are set here directly: this runs once per billed call
+        self.charges = charges
+        self.settled = False
         self.endpoint = endpoint
         self.model = model
         self.rates = rates
+        self.flat = flat = _UNPRICED if rates is None else rates.flat  # None: tiered prices
         self.prompt = prompt
         self.cap = cap
         self.on_trip = on_trip
+        cost = prompt * flat[0] + cap * flat[1] if flat is not None else rates.cost(prompt, cap)
+        self.forecast = (1, 1, prompt, cap, prompt + cap, cost)
 
     def amounts(self, input_tokens: float, output_tokens: float, cached: float = 0) -> tuple:
-        cost = _price(self.rates, input_tokens, output_tokens, cached)
+        """The six counters (see ``_store.COUNTERS``) this usage adds, priced."""
+        flat = self.flat
+        if flat is not None:
+            cost = (input_tokens - cached) * flat[0] + output_tokens * flat[1] + cached * flat[2]
+        else:
+            cost = self.rates.cost(input_tokens, output_tokens, cached)
         return (1, 1, input_tokens, output_tokens, input_tokens + output_tokens, cost)
 
 
@@ -69,23 +83,19 @@ def trip_exception(trip) -> RunGuardTripped:
     )
 
 
-def _price(rates, prompt: float, output: float, cached: float = 0) -> float:
-    """USD for this usage; an unpriced model costs 0 (documented)."""
-    return rates.cost(prompt, output, cached) if rates is not None else 0.0
-
-
-# NB: admit() and settle() run around every billed call: keep them short. Between two SDK
-# calls the interpreter's caches are cold, so every line here costs several times what a
+# NB: admit() and _finish() run around every billed call: keep them short. Between two SDK
+# calls the CPU caches are cold, so every line here costs several times what a
 # micro-benchmark shows (see benchmarks/README.md).
-def admit(endpoint, instance: Any, args: tuple, kwargs: dict) -> Call:
+def admit(endpoint, kwargs: dict) -> Call:
     """Reserve this call in every open scope, or raise ``RunGuardTripped`` before it is sent."""
     charges, limits = current_charges()
-    model, prompt, cap = endpoint.forecast(instance, args, kwargs)
-    rates = rates_for(model)
+    model, prompt, cap = endpoint.forecast(kwargs)
+    rates = endpoint.prices.get(model, _MISSING)
+    if rates is _MISSING:
+        rates = rates_for(model, endpoint.provider)
     on_trip = limits["on_trip"]
-    forecast = (1, 1, prompt, cap, prompt + cap, _price(rates, prompt, cap))
-    call = Call(charges, forecast, endpoint, model, rates, prompt, cap, on_trip)
-    refusal = RUNTIME.store.reserve(call, enforce=on_trip == "raise")
+    call = Call(charges, endpoint, model, rates, prompt, cap, on_trip)
+    refusal = RUNTIME.store.reserve(call, on_trip == "raise")
     if refusal is not None:
         refuse(call, refusal.trip, newly=refusal.new, target=endpoint.name)
     return call
@@ -116,10 +126,8 @@ def settle(call: Call, usage: tuple | None) -> None:
             "runguard: %s returned no usage; the call is charged its forecast instead",
             call.endpoint.name,
         )
-        amounts = call.amounts(call.prompt, call.cap)
-    else:
-        amounts = call.amounts(*usage)
-    for scope, trip in RUNTIME.store.settle(call, amounts):
+        usage = (call.prompt, call.cap, 0)
+    for scope, trip in RUNTIME.store.settle(call, call.amounts(*usage)):
         _recording.tripped(trip, scope)
 
 
@@ -143,14 +151,19 @@ def release_quietly(call: Call) -> None:
 def _finish(call: Call, result: Any, kwargs: dict) -> Any:
     """After the SDK returned: wrap a stream, or settle. Never raises (except in strict mode)."""
     try:
-        if kwargs.get("stream") is True:
+        if "stream" in kwargs and kwargs["stream"] is True:
             if _is_stream(result):
                 from ._streams import wrap_stream
 
                 return wrap_stream(result, call)
             settle(call, None)  # a raw streaming response we cannot meter: charge the forecast
             return result
-        settle(call, call.endpoint.usage(result))
+        usage = call.endpoint.usage(result)
+        if usage is None:
+            settle(call, None)
+        else:  # settle(), inlined for the common case
+            for scope, trip in RUNTIME.store.settle(call, call.amounts(*usage)):
+                _recording.tripped(trip, scope)
     except Exception as error:
         try:
             if not call.settled:
@@ -173,7 +186,7 @@ def make_sync_guard(endpoint):
         if not RUNTIME.enabled or mark.call is not None or IN_CALL.get() is not None:
             return wrapped(*args, **kwargs)
         try:
-            call = admit(endpoint, instance, args, kwargs)
+            call = admit(endpoint, kwargs)
         except RunGuardTripped:
             raise
         except Exception as error:
@@ -201,7 +214,7 @@ def make_async_guard(endpoint):
         if not RUNTIME.enabled or IN_CALL.get() is not None or IN_SYNC_CALL.call is not None:
             return await wrapped(*args, **kwargs)
         try:
-            call = admit(endpoint, instance, args, kwargs)
+            call = admit(endpoint, kwargs)
         except RunGuardTripped:
             raise
         except Exception as error:

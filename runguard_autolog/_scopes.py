@@ -26,7 +26,7 @@ _INF = float("inf")
 
 def _checks(limits: dict[str, Any]) -> tuple:
     return tuple(
-        (COUNTER_OF_LIMIT[name], value, name)
+        (COUNTER_OF_LIMIT[name], value)
         for name, value in limits.items()
         if name in COUNTER_OF_LIMIT and value != _INF
     )

@@ -12,8 +12,9 @@ Contract of a store (the in-memory one here; a shared store implements the same)
 
 ``reserve(reservation, enforce) -> Refusal | None``
     ``reservation.charges`` is ``[(scope, checks), ...]`` where ``checks`` is a
-    tuple of ``(counter_index, threshold, limit_name)``; ``reservation.forecast``
-    the amounts to hold. Scopes already tripped, or a limit the forecast would
+    tuple of ``(counter_index, threshold)`` pairs (the limit's name is
+    ``LIMIT_OF_COUNTER[counter_index]``); ``reservation.forecast``
+    the amounts to hold. Only checked counters are held: nothing else reads them. Scopes already tripped, or a limit the forecast would
     cross, give a ``Refusal``. With ``enforce=True`` a refusal reserves nothing;
     with ``enforce=False`` (shadow mode) the call is reserved anyway. A refusal that
     the committed usage alone causes (not other calls still in flight) trips the
@@ -46,6 +47,7 @@ COUNTER_OF_LIMIT = {
     "max_total_tokens": TOTAL,
     "max_cost_usd": COST,
 }
+LIMIT_OF_COUNTER = {index: name for name, index in COUNTER_OF_LIMIT.items()}
 _WHAT = {
     CALLS: "call ceiling",
     REQUESTS: "request ceiling",
@@ -101,28 +103,10 @@ class Reservation:
         self.settled = False
 
 
-def _add(counters: list, amounts: tuple) -> None:
-    # NB: unrolled and in place (called under the store's lock on every call)
-    counters[0] += amounts[0]
-    counters[1] += amounts[1]
-    counters[2] += amounts[2]
-    counters[3] += amounts[3]
-    counters[4] += amounts[4]
-    counters[5] += amounts[5]
-
-
-def _sub(counters: list, amounts: tuple) -> None:
-    counters[0] -= amounts[0]
-    counters[1] -= amounts[1]
-    counters[2] -= amounts[2]
-    counters[3] -= amounts[3]
-    counters[4] -= amounts[4]
-    counters[5] -= amounts[5]
-
-
-def _refusal(scope, index: int, threshold: float, limit: str, wanted: float) -> Refusal:
+def _refusal(scope, index: int, threshold: float, wanted: float) -> Refusal:
     """Why ``wanted`` does not fit; opens the circuit when the committed usage alone forbids it."""
     used, reserved = scope.used, scope.reserved
+    limit = LIMIT_OF_COUNTER[index]
     alone = used[index] + wanted
     sticky = alone > threshold  # not merely other calls still in flight
     if used[index] >= threshold:  # already at the ceiling (e.g. charged while an outer scope)
@@ -141,27 +125,60 @@ class MemoryStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
 
+    # NB: reserve() and settle() run under the lock around every billed call: plain
+    # indexing only (each bytecode counts; C helpers such as map() cost more here).
     def reserve(self, reservation, enforce=True):
         charges, forecast = reservation.charges, reservation.forecast
-        refusal = None
         with self._lock:
+            # one pass that tests and holds each checked counter; a refusal (rare) undoes it
             for scope, checks in charges:
                 if scope.tripped is not None:
-                    refusal = Refusal(scope, scope.tripped, True, False)
+                    failed = None
                     break
                 used, reserved = scope.used, scope.reserved
-                for index, threshold, limit in checks:
-                    wanted = forecast[index]
-                    if used[index] + reserved[index] + wanted > threshold:
-                        refusal = _refusal(scope, index, threshold, limit, wanted)
+                for failed, threshold in checks:
+                    held = reserved[failed] + forecast[failed]
+                    if used[failed] + held > threshold:
                         break
-                if refusal is not None:
+                    reserved[failed] = held
+                else:
+                    continue
+                break
+            else:
+                return None
+            return self._refuse(reservation, scope, failed, enforce)
+
+    def _refuse(self, reservation, stopped_at, failed, enforce) -> Refusal:
+        """Undo the holds the pass made before ``stopped_at``, then say why (under the lock)."""
+        charges, forecast = reservation.charges, reservation.forecast
+        for scope, checks in charges:
+            if scope is stopped_at:
+                indices = [index for index, _ in checks]
+                checks = () if failed is None else checks[: indices.index(failed)]
+            reserved = scope.reserved
+            for index, _ in checks:
+                reserved[index] -= forecast[index]
+            if scope is stopped_at:
+                break
+        refusal = None
+        for scope, checks in charges:
+            if scope.tripped is not None:
+                refusal = Refusal(scope, scope.tripped, True, False)
+                break
+            used, reserved = scope.used, scope.reserved
+            for index, threshold in checks:
+                if used[index] + (reserved[index] + forecast[index]) > threshold:  # as in reserve()
+                    refusal = _refusal(scope, index, threshold, forecast[index])
                     break
-            if refusal is not None and enforce:
-                reservation.settled = True  # nothing is held
-                return refusal
-            for scope, _ in charges:
-                _add(scope.reserved, forecast)
+            if refusal is not None:
+                break
+        if enforce:
+            reservation.settled = True  # nothing is held
+        else:  # shadow mode: the call goes ahead, so it holds its forecast like any other
+            for scope, checks in charges:
+                reserved = scope.reserved
+                for index, _ in checks:
+                    reserved[index] += forecast[index]
         return refusal
 
     def settle(self, reservation, actual):
@@ -172,15 +189,19 @@ class MemoryStore:
             reservation.settled = True
             forecast = reservation.forecast
             for scope, checks in reservation.charges:
-                used = scope.used
-                _sub(scope.reserved, forecast)
-                _add(used, actual)
-                if checks and scope.tripped is None:
-                    for index, threshold, limit in checks:
-                        if used[index] >= threshold:
-                            scope.tripped = make_trip(scope.name, index, threshold, used[index], limit, used)
-                            trips += ((scope, scope.tripped),)
-                            break
+                used, reserved = scope.used, scope.reserved
+                used[0] += actual[0]
+                used[1] += actual[1]
+                used[2] += actual[2]
+                used[3] += actual[3]
+                used[4] += actual[4]
+                used[5] += actual[5]
+                for index, threshold in checks:
+                    reserved[index] -= forecast[index]
+                    if used[index] >= threshold and scope.tripped is None:
+                        limit = LIMIT_OF_COUNTER[index]
+                        scope.tripped = make_trip(scope.name, index, threshold, used[index], limit, used)
+                        trips += ((scope, scope.tripped),)
         return trips
 
     def release(self, reservation):
@@ -189,8 +210,10 @@ class MemoryStore:
                 return
             reservation.settled = True
             forecast = reservation.forecast
-            for scope, _ in reservation.charges:
-                _sub(scope.reserved, forecast)
+            for scope, checks in reservation.charges:
+                reserved = scope.reserved
+                for index, _ in checks:
+                    reserved[index] -= forecast[index]
 
     def reset(self, scope):
         with self._lock:

@@ -18,7 +18,7 @@ from . import _recording
 from ._errors import RunGuardTripped
 from ._guard import IN_CALL, IN_SYNC_CALL, Call, settle_quietly, trip_exception
 from ._runtime import RUNTIME, internal_error, log_once
-from ._store import COST, OUTPUT, TOTAL, make_trip
+from ._store import COST, LIMIT_OF_COUNTER, OUTPUT, TOTAL, make_trip
 from .tokens import counter_for
 
 _STREAM_COUNTERS = (OUTPUT, TOTAL, COST)
@@ -37,9 +37,9 @@ class StreamMeter:
         self.broken = False
         self.count = counter_for(call.model)
         self.checks = [
-            (scope, index, threshold, limit)
+            (scope, index, threshold, LIMIT_OF_COUNTER[index])
             for scope, scope_checks in call.charges
-            for index, threshold, limit in scope_checks
+            for index, threshold in scope_checks
             if index in _STREAM_COUNTERS
         ]
 

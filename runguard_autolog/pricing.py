@@ -67,20 +67,30 @@ class Rates:
         )
 
 
-_cache: dict[tuple[str, str | None], Rates | None] = {}
+# provider -> {model: Rates or None}; the guard reads a provider's table directly (one dict get)
+_tables: dict[str | None, dict[str, Rates | None]] = {}
 _lock = threading.Lock()
+
+
+def table_for(provider: str | None = "openai") -> dict[str, Rates | None]:
+    """The cached rates of one provider's models, filled by :func:`rates_for`."""
+    table = _tables.get(provider)
+    if table is None:
+        with _lock:
+            table = _tables.setdefault(provider, {})
+    return table
 
 
 def rates_for(model: str, provider: str | None = "openai") -> Rates | None:
     """Cached rates for a model, ``None`` when genai-prices does not know it."""
-    key = (model, provider)
+    table = table_for(provider)
     try:
-        return _cache[key]
+        return table[model]
     except KeyError:
         pass
     rates = _lookup(model, provider)
     with _lock:
-        _cache[key] = rates
+        table[model] = rates
     return rates
 
 
@@ -110,4 +120,5 @@ def _lookup(model: str, provider: str | None) -> Rates | None:
 
 def clear_cache() -> None:
     with _lock:
-        _cache.clear()
+        for table in _tables.values():
+            table.clear()

@@ -30,7 +30,7 @@ REPLY_PRIMING = 3
 IMAGE_TOKENS = 765
 
 _registered: list[tuple[str, Any]] = []
-_counters: dict[str, Callable[[str], int] | None] = {}
+_counters: dict[str, Callable[[str], int]] = {}  # model -> exact counter, or estimate_text
 _lock = threading.Lock()
 
 
@@ -95,11 +95,11 @@ def _offline_encoding(model: str):
 
 def counter_for(model: str) -> Callable[[str], int]:
     """The per-text token counter for a model (exact or estimate), resolved once per model."""
-    counter = _counters.get(model, False)
-    if counter is False:
+    counter = _counters.get(model)
+    if counter is None:
         encoding = _offline_encoding(model or "")
         if encoding is None:
-            counter = None
+            counter = estimate_text
         else:
             encode = encoding.encode
 
@@ -108,7 +108,7 @@ def counter_for(model: str) -> Callable[[str], int]:
 
         with _lock:
             _counters[model] = counter
-    return counter or estimate_text
+    return counter
 
 
 def is_exact(model: str) -> bool:
@@ -157,7 +157,7 @@ def _get(message: Any, key: str) -> Any:
 
 def messages_tokens(messages: Any, model: str) -> int:
     """Chat Completions ``messages`` (dicts or SDK objects)."""
-    count = _counters.get(model, False) or (estimate_text if model in _counters else counter_for(model))
+    count = _counters.get(model) or counter_for(model)
     estimating = count is estimate_text
     total = REPLY_PRIMING
     for message in messages or ():

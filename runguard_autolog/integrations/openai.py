@@ -13,7 +13,9 @@ from functools import partial
 from collections.abc import Iterator
 from typing import Any
 
-from .. import tokens
+from openai.types import CompletionUsage
+
+from .. import pricing, tokens
 from .._patching import PatchSpec
 
 NAME = "openai"
@@ -23,14 +25,16 @@ TARGET_MODULE = "openai"
 class Endpoint:
     """How to read one kind of request/response."""
 
-    __slots__ = ("name", "kind")
+    __slots__ = ("name", "kind", "provider", "prices")
 
     def __init__(self, name: str, kind: str) -> None:
         self.name = name
         self.kind = kind
+        self.provider = "openai"  # genai-prices provider of the models it serves
+        self.prices = pricing.table_for(self.provider)
 
     # -- request ---------------------------------------------------------------------------
-    def forecast(self, instance: Any, args: tuple, kwargs: dict) -> tuple[str, int, int]:
+    def forecast(self, kwargs: dict) -> tuple[str, int, int]:
         """(model, prompt-token estimate, output cap or 0)."""
         model = kwargs.get("model") or ""
         if not isinstance(model, str):
@@ -71,6 +75,11 @@ class Endpoint:
     def usage(self, result: Any) -> tuple[int, int, int] | None:
         """(input, output, cached input) tokens from a response, ``None`` when absent."""
         usage = getattr(result, "usage", None)
+        if self.kind == "chat" and type(usage) is CompletionUsage:  # the hot case, read in place
+            prompt, output, details = usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details
+            cached = 0 if details is None else details.cached_tokens or 0
+            if _counts(prompt, output, cached):
+                return prompt, output, cached
         if usage is None and hasattr(result, "http_response") and callable(getattr(result, "parse", None)):
             # ``.with_raw_response``: parsing is cached by the SDK, so the user's own parse() is free
             usage = getattr(result.parse(), "usage", None)
@@ -150,20 +159,25 @@ _USAGE_FIELDS = {
 }
 
 
+def _counts(*values: Any) -> bool:
+    """Whether these are token counts (non-negative numbers)."""
+    try:
+        return min(values) >= 0
+    except TypeError:
+        return False
+
+
 def _read_usage(usage: Any, kind: str) -> tuple[int, int, int]:
-    """(input, output, cached input) tokens as ints, or a TypeError for a shape we do not know."""
-    if kind == "chat" and type(usage) is not dict:  # the hot case: CompletionUsage
-        prompt, output, details = usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details
-    else:
-        input_name, output_name, details_name = _USAGE_FIELDS[kind]
-        get = usage.get if isinstance(usage, dict) else partial(getattr, usage)
-        prompt = get(input_name)
-        output = get(output_name) if output_name else 0
-        details = get(details_name) if details_name else None
+    """(input, output, cached input) token counts, or a TypeError for a shape we do not know."""
+    input_name, output_name, details_name = _USAGE_FIELDS[kind]
+    get = usage.get if isinstance(usage, dict) else partial(getattr, usage)
+    prompt = get(input_name)
+    output = get(output_name) if output_name else 0
+    details = get(details_name) if details_name else None
     cached = 0
     if details is not None:
         cached = (details.get("cached_tokens") if isinstance(details, dict) else getattr(details, "cached_tokens", 0)) or 0
-    if type(prompt) is not int or type(output) is not int or type(cached) is not int or prompt < 0 or output < 0 or cached < 0:
+    if not _counts(prompt, output, cached):
         raise TypeError(f"unexpected usage shape from openai: {usage!r:.200}")
     return prompt, output, cached
 
