@@ -49,23 +49,10 @@ _MISSING = object()
 
 
 class Call(Reservation):
-    """One admitted call: what it reserved, and how to price and settle it."""
+    """One admitted call: what it reserved, and how to price and settle it. Built by
+    :func:`admit` (no ``__init__``: one Python frame less per billed call)."""
 
     __slots__ = ("endpoint", "model", "rates", "flat", "prompt", "cap", "on_trip")
-
-    def __init__(self, charges, endpoint, model, rates, prompt, cap, on_trip) -> None:
-        # NB: Reservation's fields are set here directly: this runs once per billed call
-        self.charges = charges
-        self.settled = False
-        self.endpoint = endpoint
-        self.model = model
-        self.rates = rates
-        self.flat = flat = _UNPRICED if rates is None else rates.flat  # None: tiered prices
-        self.prompt = prompt
-        self.cap = cap
-        self.on_trip = on_trip
-        cost = prompt * flat[0] + cap * flat[1] if flat is not None else rates.cost(prompt, cap)
-        self.forecast = (1, 1, prompt, cap, prompt + cap, cost)
 
     def amounts(self, input_tokens: float, output_tokens: float, cached: float = 0) -> tuple:
         """The six counters (see ``_store.COUNTERS``) this usage adds, priced."""
@@ -83,9 +70,10 @@ def trip_exception(trip) -> RunGuardTripped:
     )
 
 
-# NB: admit() and _finish() run around every billed call: keep them short. Between two SDK
-# calls the CPU caches are cold, so every line here costs several times what a
-# micro-benchmark shows (see benchmarks/README.md).
+# NB: admit() and _finish() run around every billed call. Between two SDK calls the CPU
+# caches are cold, so what costs here is mostly how many distinct functions and objects a
+# call touches (each Python function is a few cache misses, ~0.5 us in situ), far more than
+# how many lines run: helpers are inlined on purpose (see benchmarks/README.md).
 def admit(endpoint, kwargs: dict) -> Call:
     """Reserve this call in every open scope, or raise ``RunGuardTripped`` before it is sent."""
     charges, limits = current_charges()
@@ -93,8 +81,19 @@ def admit(endpoint, kwargs: dict) -> Call:
     rates = endpoint.prices.get(model, _MISSING)
     if rates is _MISSING:
         rates = rates_for(model, endpoint.provider)
-    on_trip = limits["on_trip"]
-    call = Call(charges, endpoint, model, rates, prompt, cap, on_trip)
+    flat = _UNPRICED if rates is None else rates.flat  # None: tiered prices
+    call = Call()
+    call.charges = charges
+    call.settled = False
+    call.endpoint = endpoint
+    call.model = model
+    call.rates = rates
+    call.flat = flat
+    call.prompt = prompt
+    call.cap = cap
+    call.on_trip = on_trip = limits["on_trip"]
+    cost = prompt * flat[0] + cap * flat[1] if flat is not None else rates.cost(prompt, cap)
+    call.forecast = (1, 1, prompt, cap, prompt + cap, cost)
     refusal = RUNTIME.store.reserve(call, on_trip == "raise")
     if refusal is not None:
         refuse(call, refusal.trip, newly=refusal.new, target=endpoint.name)
@@ -161,9 +160,17 @@ def _finish(call: Call, result: Any, kwargs: dict) -> Any:
         usage = call.endpoint.usage(result)
         if usage is None:
             settle(call, None)
-        else:  # settle(), inlined for the common case
-            for scope, trip in RUNTIME.store.settle(call, call.amounts(*usage)):
-                _recording.tripped(trip, scope)
+            return result
+        # settle() and Call.amounts(), inlined for the common case
+        input_tokens, output_tokens, cached = usage
+        flat = call.flat
+        if flat is not None:
+            cost = (input_tokens - cached) * flat[0] + output_tokens * flat[1] + cached * flat[2]
+        else:
+            cost = call.rates.cost(input_tokens, output_tokens, cached)
+        actual = (1, 1, input_tokens, output_tokens, input_tokens + output_tokens, cost)
+        for scope, trip in RUNTIME.store.settle(call, actual):
+            _recording.tripped(trip, scope)
     except Exception as error:
         try:
             if not call.settled:

@@ -132,7 +132,8 @@ def charges_for(scopes: list[Scope]) -> tuple[list[tuple[Scope, tuple]], dict[st
 
 def current_charges() -> tuple[Any, dict[str, Any]]:
     """``charges_for(open_scopes())``, with the common process-only case cached per configuration."""
-    run = _active_run()
+    fluent = sys.modules.get("mlflow.tracking.fluent")  # _active_run(), inlined
+    run = None if fluent is None else fluent.active_run()
     if run is None and not _SESSIONS.get():
         cached = _process_only
         if cached[0] != RUNTIME.version:

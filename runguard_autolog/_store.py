@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 COUNTERS = ("calls", "requests", "input_tokens", "output_tokens", "total_tokens", "cost_usd")
 CALLS, REQUESTS, INPUT, OUTPUT, TOTAL, COST = range(6)
@@ -93,14 +93,11 @@ class Refusal:
 
 
 class Reservation:
-    """What one admitted call holds in each scope until it settles or is released."""
+    """What one admitted call holds in each scope until it settles or is released:
+    ``charges`` and ``forecast`` as described above, and ``settled`` (False until the
+    store settles or releases it)."""
 
     __slots__ = ("charges", "forecast", "settled")
-
-    def __init__(self, charges: Sequence[tuple[Any, tuple]], forecast: tuple) -> None:
-        self.charges = charges
-        self.forecast = forecast
-        self.settled = False
 
 
 def _refusal(scope, index: int, threshold: float, wanted: float) -> Refusal:

@@ -18,6 +18,10 @@ from openai.types import CompletionUsage
 from .. import pricing, tokens
 from .._patching import PatchSpec
 
+_COUNTERS = tokens._counters  # model -> token counter, filled by tokens.counter_for()
+_ESTIMATE = tokens.estimate_text
+_PRIMING, _PER_MESSAGE = tokens.REPLY_PRIMING, tokens.PER_MESSAGE
+
 NAME = "openai"
 TARGET_MODULE = "openai"
 
@@ -44,7 +48,18 @@ class Endpoint:
             messages = kwargs.get("messages")
             if type(messages) is not list:  # the usual list needs no copying
                 messages = _reusable(kwargs, "messages")
-            prompt = tokens.messages_tokens(messages, model)
+            prompt = 0
+            if _COUNTERS.get(model) is _ESTIMATE:
+                # tokens.messages_tokens() inlined for plain {"role", "content"} dicts (hot path)
+                prompt = _PRIMING
+                for message in messages:
+                    content = message.get("content") if type(message) is dict and len(message) == 2 else None
+                    if type(content) is not str or not content.isascii():
+                        prompt = 0
+                        break
+                    prompt += _PER_MESSAGE + (len(content) + 2) // 3  # estimate_text()
+            if not prompt:
+                prompt = tokens.messages_tokens(messages, model)
             if "tools" in kwargs:
                 prompt += tokens.tools_tokens(kwargs["tools"], model)
             cap = 0
@@ -78,8 +93,9 @@ class Endpoint:
         if self.kind == "chat" and type(usage) is CompletionUsage:  # the hot case, read in place
             prompt, output, details = usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details
             cached = 0 if details is None else details.cached_tokens or 0
-            if _counts(prompt, output, cached):
-                return prompt, output, cached
+            if type(prompt) is int and type(output) is int and type(cached) is int:  # range: below
+                if prompt >= 0 and output >= 0 and cached >= 0:
+                    return prompt, output, cached
         if usage is None and hasattr(result, "http_response") and callable(getattr(result, "parse", None)):
             # ``.with_raw_response``: parsing is cached by the SDK, so the user's own parse() is free
             usage = getattr(result.parse(), "usage", None)
