@@ -83,7 +83,7 @@ RSS_TOLERANCE = 0.10
 FULL = dict(
     rounds=3, calls=250, warmup=30,  # part 1, per non-MLflow child
     mlflow_calls=50, mlflow_warmup=10, pause_s=0.02,  # part 1, per MLflow child
-    paired_rounds=1, http_pairs=2000, mock_pairs=1000, direct_pairs=10_000,  # part 2, per child
+    paired_rounds=5, http_pairs=1500, mock_pairs=600, direct_pairs=10_000,  # part 2, per child
     stage_calls=800,  # part 2 stage breakdown, per pass
     session_calls=100_000, window=500, session_direct_pairs=2000,  # part 3
 )
