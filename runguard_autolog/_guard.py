@@ -76,7 +76,7 @@ def trip_exception(trip) -> RunGuardTripped:
 # how many lines run: helpers are inlined on purpose (see benchmarks/README.md).
 def admit(endpoint, kwargs: dict) -> Call:
     """Reserve this call in every open scope, or raise ``RunGuardTripped`` before it is sent."""
-    charges, limits = current_charges()
+    charges, on_trip = current_charges()
     model, prompt, cap = endpoint.forecast(kwargs)
     rates = endpoint.prices.get(model, _MISSING)
     if rates is _MISSING:
@@ -91,7 +91,7 @@ def admit(endpoint, kwargs: dict) -> Call:
     call.flat = flat
     call.prompt = prompt
     call.cap = cap
-    call.on_trip = on_trip = limits["on_trip"]
+    call.on_trip = on_trip
     cost = prompt * flat[0] + cap * flat[1] if flat is not None else rates.cost(prompt, cap)
     call.forecast = (1, 1, prompt, cap, prompt + cap, cost)
     refusal = RUNTIME.store.reserve(call, on_trip == "raise")

@@ -73,7 +73,21 @@ _anonymous = itertools.count(1)
 _UNKNOWN = object()
 
 
+# An MLflow run becomes a scope once runguard has seen a run start (its start_run patch) or
+# found one active in the installing thread. Until then calls skip mlflow's active_run(),
+# which costs a getpid() system call per call. (A run started in another thread before
+# runguard.autolog() is therefore not seen; see README.)
+RUNS_SEEN = False
+
+
+def note_runs_seen() -> None:
+    global RUNS_SEEN
+    RUNS_SEEN = True
+
+
 def _active_run():
+    if not RUNS_SEEN:
+        return None
     fluent = sys.modules.get("mlflow.tracking.fluent")
     if fluent is None:
         return None
@@ -96,6 +110,7 @@ def run_scope(run) -> Scope:
 
 def note_run_started(run_id: str) -> None:
     """Remember when a run began, so it is ordered correctly against sessions."""
+    note_runs_seen()
     _RUN_STARTS[run_id] = time.time()
 
 
@@ -119,26 +134,28 @@ def open_scopes(run: Any = _UNKNOWN) -> list[Scope]:
     return scopes
 
 
-_process_only = [-1, None, None]  # (version, charges, limits) when no session or run is open
+_process_only = [-1, None, None]  # (version, charges, on_trip) when no session or run is open
 
 
-def charges_for(scopes: list[Scope]) -> tuple[list[tuple[Scope, tuple]], dict[str, Any]]:
-    """Pair each scope with the limits it enforces on this call; also the innermost's limits."""
+def charges_for(scopes: list[Scope]) -> tuple[list[tuple[Scope, tuple]], Any]:
+    """Pair each scope with the limits it enforces on this call; also the innermost's ``on_trip``."""
     limits, checks = scopes[-1].effective()
     charges = [(scope, scope.own_checks) for scope in scopes[:-1]]
     charges.append((scopes[-1], checks))
-    return charges, limits
+    return charges, limits["on_trip"]
 
 
-def current_charges() -> tuple[Any, dict[str, Any]]:
+def current_charges() -> tuple[Any, Any]:
     """``charges_for(open_scopes())``, with the common process-only case cached per configuration."""
-    fluent = sys.modules.get("mlflow.tracking.fluent")  # _active_run(), inlined
-    run = None if fluent is None else fluent.active_run()
+    run = None
+    if RUNS_SEEN:  # _active_run(), inlined
+        fluent = sys.modules.get("mlflow.tracking.fluent")
+        run = None if fluent is None else fluent.active_run()
     if run is None and not _SESSIONS.get():
         cached = _process_only
         if cached[0] != RUNTIME.version:
             limits, checks = PROCESS.effective()
-            cached[1:] = [((PROCESS, checks),), limits]
+            cached[1:] = [((PROCESS, checks),), limits["on_trip"]]
             cached[0] = RUNTIME.version
         return cached[1], cached[2]
     return charges_for(open_scopes(run))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -191,3 +194,28 @@ def test_session_rejects_unknown_or_bad_limits():
         runguard.session("x", max_callz=3)
     with pytest.raises(runguard.RunGuardConfigError, match="max_calls"):
         runguard.session("x", max_calls=-1)
+
+
+RUN_BEFORE_AUTOLOG = """
+import mlflow, openai, runguard_autolog as runguard
+client = openai.OpenAI(base_url={base_url!r}, api_key="test", max_retries=0)
+with mlflow.start_run() as run:
+    runguard.autolog(max_calls=2)  # installed while the run is already active
+    for _ in range(2):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "hi"}}])
+    try:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "hi"}}])
+    except runguard.RunGuardTripped as error:
+        print("TRIPPED", error.scope == "run:" + run.info.run_id)
+"""
+
+
+def test_a_run_started_before_autolog_is_the_scope_of_calls_in_it(server, tracking):
+    # a fresh process: whether any run was seen before is process-wide state
+    code = RUN_BEFORE_AUTOLOG.format(base_url=server.base_url)
+    environ = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    result = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "TRIPPED True" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert server.count() == 2

@@ -12,13 +12,14 @@ from __future__ import annotations
 from .. import _recording
 from .._patching import PatchSpec
 from .._runtime import RUNTIME, internal_error
-from .._scopes import drop_run, note_run_started
+from .._scopes import drop_run, note_run_started, note_runs_seen
 
 NAME = "mlflow"
 TARGET_MODULE = "mlflow"
 
 
 def _start_run(wrapped, instance, args, kwargs):
+    note_runs_seen()  # before the run exists: from now on calls look for the active run
     run = wrapped(*args, **kwargs)
     try:
         if RUNTIME.enabled:
@@ -74,6 +75,10 @@ PATCHES = (
 
 
 def on_install() -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:  # a run started before runguard.autolog()
+        note_runs_seen()
     _recording.add_span_processor()
 
 
