@@ -22,7 +22,8 @@ from . import _recording
 from ._errors import RunGuardTripped
 from ._runtime import RUNTIME, internal_error, log_once
 from ._scopes import current_charges
-from ._store import Reservation
+from ._loops import observe_request, observe_tool_calls
+from ._store import Reservation, Trip
 from .pricing import rates_for
 
 # The call in flight in this context: a nested patched call (stacked patches, a
@@ -44,6 +45,7 @@ def in_flight() -> "Call | None":
     return IN_SYNC_CALL.call or IN_CALL.get()
 
 
+_INF = float("inf")
 _UNPRICED = (0.0, 0.0, 0.0)  # a model genai-prices does not know costs 0 (documented)
 _MISSING = object()
 
@@ -52,7 +54,7 @@ class Call(Reservation):
     """One admitted call: what it reserved, and how to price and settle it. Built by
     :func:`admit` (no ``__init__``: one Python frame less per billed call)."""
 
-    __slots__ = ("endpoint", "model", "rates", "flat", "prompt", "cap", "on_trip")
+    __slots__ = ("endpoint", "model", "rates", "flat", "prompt", "cap", "on_trip", "loop_repeats")
 
     def amounts(self, input_tokens: float, output_tokens: float, cached: float = 0) -> tuple:
         """The six counters (see ``_store.COUNTERS``) this usage adds, priced."""
@@ -76,7 +78,7 @@ def trip_exception(trip) -> RunGuardTripped:
 # how many lines run: helpers are inlined on purpose (see benchmarks/README.md).
 def admit(endpoint, kwargs: dict) -> Call:
     """Reserve this call in every open scope, or raise ``RunGuardTripped`` before it is sent."""
-    charges, on_trip = current_charges()
+    charges, limits = current_charges()
     model, prompt, cap = endpoint.forecast(kwargs)
     rates = endpoint.prices.get(model, _MISSING)
     if rates is _MISSING:
@@ -91,13 +93,45 @@ def admit(endpoint, kwargs: dict) -> Call:
     call.flat = flat
     call.prompt = prompt
     call.cap = cap
-    call.on_trip = on_trip
+    call.on_trip = on_trip = limits["on_trip"]
+    call.loop_repeats = limits["loop_repeats"]
     cost = prompt * flat[0] + cap * flat[1] if flat is not None else rates.cost(prompt, cap)
     call.forecast = (1, 1, prompt, cap, prompt + cap, cost)
+    # signals that are not counters open the innermost scope's circuit first; reserve() then
+    # refuses the call like any other in a tripped scope
+    window = None if rates is None else rates.context_window
+    if window:
+        if prompt > limits["max_context_fraction"] * window:
+            _open(charges[-1][0], _context_trip(charges[-1][0], model, prompt, window, limits))
+    else:
+        log_once(("no-window", model), "runguard: no context window known for model %r; context "
+                 "overflow is not checked for it. Logged once.", model)
+    if limits["loop_identical_requests"] != _INF:
+        payload = endpoint.request_payload(kwargs)
+        if payload is not None:
+            trip = observe_request(charges[-1][0], model, payload, limits["loop_identical_requests"])
+            if trip is not None:
+                _open(charges[-1][0], trip)
     refusal = RUNTIME.store.reserve(call, on_trip == "raise")
     if refusal is not None:
         refuse(call, refusal.trip, newly=refusal.new, target=endpoint.name)
     return call
+
+
+def _context_trip(scope, model: str, prompt: int, window: int, limits: dict) -> Trip:
+    fraction = limits["max_context_fraction"]
+    return Trip(
+        scope.name, "max_context_fraction", fraction, prompt,
+        f"context overflow: the prompt is forecast at {prompt} tokens, over {fraction:g} of "
+        f"{model}'s {window}-token context window ({int(fraction * window)} tokens)",
+        tuple(scope.used),
+    )
+
+
+def _open(scope, trip: Trip) -> None:
+    """Open a scope's circuit for a signal that is not a counter; record it if it is new."""
+    if RUNTIME.store.trip(scope, trip) is trip:
+        _recording.tripped(trip, scope)
 
 
 def refuse(call: Call, trip, newly: bool, target: str) -> None:
@@ -171,6 +205,8 @@ def _finish(call: Call, result: Any, kwargs: dict) -> Any:
         actual = (1, 1, input_tokens, output_tokens, input_tokens + output_tokens, cost)
         for scope, trip in RUNTIME.store.settle(call, actual):
             _recording.tripped(trip, scope)
+        if call.loop_repeats != _INF:
+            watch_tool_calls(call, call.endpoint.tool_calls(result))
     except Exception as error:
         try:
             if not call.settled:
@@ -179,6 +215,15 @@ def _finish(call: Call, result: Any, kwargs: dict) -> Any:
             pass
         internal_error("settle", error)
     return result
+
+
+def watch_tool_calls(call: Call, tool_calls: list) -> None:
+    """Feed the tool calls a reply asks for, ``(name, arguments)``, to the innermost scope's loop watch."""
+    if tool_calls:
+        scope = call.charges[-1][0]
+        trip = observe_tool_calls(scope, tool_calls, call.loop_repeats)
+        if trip is not None:
+            _open(scope, trip)
 
 
 def _is_stream(result: Any) -> bool:

@@ -35,7 +35,9 @@ def _checks(limits: dict[str, Any]) -> tuple:
 class Scope:
     """Counters and the circuit of one unit of work."""
 
-    __slots__ = ("name", "own", "own_checks", "entered", "used", "reserved", "tripped", "_effective", "__weakref__")
+    __slots__ = (
+        "name", "own", "own_checks", "entered", "used", "reserved", "tripped", "loops", "_effective", "__weakref__",
+    )
 
     def __init__(self, name: str, own: dict[str, Any] | None = None, entered: float | None = None) -> None:
         self.name = name
@@ -45,6 +47,7 @@ class Scope:
         self.used = [0] * 6
         self.reserved = [0] * 6
         self.tripped = None
+        self.loops = None  # _loops.LoopWatch, created when the first tool call or request is watched
         self._effective = (-1, None, None)
 
     def effective(self) -> tuple[dict[str, Any], tuple]:
@@ -134,18 +137,18 @@ def open_scopes(run: Any = _UNKNOWN) -> list[Scope]:
     return scopes
 
 
-_process_only = [-1, None, None]  # (version, charges, on_trip) when no session or run is open
+_process_only = [-1, None, None]  # (version, charges, limits) when no session or run is open
 
 
-def charges_for(scopes: list[Scope]) -> tuple[list[tuple[Scope, tuple]], Any]:
-    """Pair each scope with the limits it enforces on this call; also the innermost's ``on_trip``."""
+def charges_for(scopes: list[Scope]) -> tuple[list[tuple[Scope, tuple]], dict[str, Any]]:
+    """Pair each scope with the limits it enforces on this call; also the innermost's limits."""
     limits, checks = scopes[-1].effective()
     charges = [(scope, scope.own_checks) for scope in scopes[:-1]]
     charges.append((scopes[-1], checks))
-    return charges, limits["on_trip"]
+    return charges, limits
 
 
-def current_charges() -> tuple[Any, Any]:
+def current_charges() -> tuple[Any, dict[str, Any]]:
     """``charges_for(open_scopes())``, with the common process-only case cached per configuration."""
     run = None
     if RUNS_SEEN:  # _active_run(), inlined
@@ -155,7 +158,7 @@ def current_charges() -> tuple[Any, Any]:
         cached = _process_only
         if cached[0] != RUNTIME.version:
             limits, checks = PROCESS.effective()
-            cached[1:] = [((PROCESS, checks),), limits["on_trip"]]
+            cached[1:] = [((PROCESS, checks),), limits]
             cached[0] = RUNTIME.version
         return cached[1], cached[2]
     return charges_for(open_scopes(run))

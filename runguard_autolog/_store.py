@@ -26,7 +26,7 @@ Contract of a store (the in-memory one here; a shared store implements the same)
 ``release(reservation)``
     The call never billed (it failed before a response): drop the hold.
 ``reset(scope)``
-    Zero the scope's used counters and close its circuit.
+    Zero the scope's used counters, forget its loop history and close its circuit.
 
 All amounts are 6-tuples in :data:`COUNTERS` order.
 """
@@ -216,6 +216,7 @@ class MemoryStore:
         with self._lock:
             scope.used[:] = [0] * 6
             scope.tripped = None
+            scope.loops = None  # the loop history goes with the circuit
 
     def trip(self, scope, trip):
         """Open a scope's circuit for a reason found outside the counters (first one wins)."""

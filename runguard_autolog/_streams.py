@@ -16,7 +16,7 @@ import wrapt
 
 from . import _recording
 from ._errors import RunGuardTripped
-from ._guard import IN_CALL, IN_SYNC_CALL, Call, settle_quietly, trip_exception
+from ._guard import IN_CALL, IN_SYNC_CALL, Call, settle_quietly, trip_exception, watch_tool_calls
 from ._runtime import RUNTIME, internal_error, log_once
 from ._store import COST, LIMIT_OF_COUNTER, OUTPUT, TOTAL, make_trip
 from .tokens import counter_for
@@ -27,7 +27,7 @@ _STREAM_COUNTERS = (OUTPUT, TOTAL, COST)
 class StreamMeter:
     """State of one stream's accounting (kept apart from the proxy so a finalizer can settle it)."""
 
-    __slots__ = ("call", "output", "usage", "done", "broken", "count", "checks")
+    __slots__ = ("call", "output", "usage", "done", "broken", "count", "checks", "tool_calls")
 
     def __init__(self, call: Call) -> None:
         self.call = call
@@ -36,6 +36,7 @@ class StreamMeter:
         self.done = False
         self.broken = False
         self.count = counter_for(call.model)
+        self.tool_calls = {} if call.loop_repeats != float("inf") else None  # for loop detection
         self.checks = [
             (scope, index, threshold, LIMIT_OF_COUNTER[index])
             for scope, scope_checks in call.charges
@@ -49,6 +50,8 @@ class StreamMeter:
             return None
         try:
             endpoint = self.call.endpoint
+            if self.tool_calls is not None:
+                endpoint.chunk_tool_calls(chunk, self.tool_calls)
             usage = endpoint.chunk_usage(chunk)
             if usage is not None:
                 self.usage = usage
@@ -90,6 +93,11 @@ class StreamMeter:
         if usage is None:
             usage = (self.call.prompt, self.output, 0)
         settle_quietly(self.call, usage)
+        if self.tool_calls:
+            try:
+                watch_tool_calls(self.call, [tuple(entry) for entry in self.tool_calls.values()])
+            except Exception as error:
+                internal_error("loop detection", error)
 
 
 def _cut(meter: StreamMeter, found, close) -> RunGuardTripped:

@@ -103,6 +103,47 @@ class Endpoint:
             return None
         return _read_usage(usage, self.kind)
 
+    def request_payload(self, kwargs: dict) -> Any:
+        """What makes two requests identical besides the model (``None``: not watched)."""
+        if self.kind == "chat":
+            return {"messages": kwargs.get("messages"), "tools": kwargs.get("tools")}
+        if self.kind == "responses":
+            return {"input": kwargs.get("input"), "instructions": kwargs.get("instructions"),
+                    "tools": kwargs.get("tools")}
+        if self.kind == "completion":
+            return {"prompt": kwargs.get("prompt")}
+        return None  # embeddings: embedding the same text again is not a loop
+
+    def tool_calls(self, result: Any) -> list[tuple[str, Any]]:
+        """(name, arguments) of each tool call a reply asks for."""
+        kind = self.kind
+        if kind == "chat":
+            choices = getattr(result, "choices", None)
+            if choices is None and hasattr(result, "http_response"):  # .with_raw_response
+                choices = getattr(result.parse(), "choices", None)
+            found = []
+            for choice in choices or ():
+                message = getattr(choice, "message", None)
+                for call in getattr(message, "tool_calls", None) or ():
+                    function = getattr(call, "function", None)
+                    if function is not None:
+                        found.append((function.name, function.arguments))
+                    else:  # a custom tool call
+                        custom = getattr(call, "custom", None)
+                        if custom is not None:
+                            found.append((custom.name, custom.input))
+            return found
+        if kind == "responses":
+            output = getattr(result, "output", None)
+            if output is None and hasattr(result, "http_response"):
+                output = getattr(result.parse(), "output", None)
+            return [
+                (item.name, getattr(item, "arguments", None) or getattr(item, "input", None))
+                for item in output or ()
+                if getattr(item, "type", None) in ("function_call", "custom_tool_call")
+            ]
+        return []
+
     # -- stream chunks ---------------------------------------------------------------------
     def chunk_usage(self, chunk: Any) -> tuple[int, int, int] | None:
         if self.kind == "responses":
@@ -112,6 +153,25 @@ class Endpoint:
             return _read_usage(usage, "responses") if usage is not None else None
         usage = getattr(chunk, "usage", None)
         return _read_usage(usage, self.kind) if usage is not None else None
+
+    def chunk_tool_calls(self, chunk: Any, into: dict) -> None:
+        """Collect the tool calls a stream asks for: ``into[key] = [name, arguments text]``."""
+        if self.kind == "responses":
+            if getattr(chunk, "type", "") in _RESPONSES_FINAL:
+                for position, (name, arguments) in enumerate(self.tool_calls(chunk.response)):
+                    into[position] = [name, arguments]
+            return
+        if self.kind != "chat":
+            return
+        for choice in getattr(chunk, "choices", None) or ():
+            delta = getattr(choice, "delta", None)
+            for call in getattr(delta, "tool_calls", None) or ():
+                function = getattr(call, "function", None)
+                if function is None:
+                    continue
+                entry = into.setdefault((choice.index, call.index), ["", ""])
+                entry[0] += function.name or ""
+                entry[1] += function.arguments or ""
 
     def chunk_text(self, chunk: Any) -> str:
         """The generated text a chunk carries (used to estimate output as it streams)."""
