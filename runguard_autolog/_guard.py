@@ -206,7 +206,9 @@ def _finish(call: Call, result: Any, kwargs: dict) -> Any:
         for scope, trip in RUNTIME.store.settle(call, actual):
             _recording.tripped(trip, scope)
         if call.loop_repeats != _INF:
-            watch_tool_calls(call, call.endpoint.tool_calls(result))
+            tool_calls = call.endpoint.tool_calls(result)
+            if tool_calls:
+                watch_tool_calls(call, tool_calls)
     except Exception as error:
         try:
             if not call.settled:
