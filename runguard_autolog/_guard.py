@@ -27,7 +27,9 @@ from ._store import Reservation, Trip
 from .pricing import rates_for
 
 # The call in flight in this context: a nested patched call (stacked patches, a
-# LangChain model over the openai SDK) passes straight through, so it counts once.
+# LangChain model over the openai SDK) passes straight through, so it counts once. A mark
+# whose call has settled is stale (LangChain ends a call in a copy of the context it
+# started in, so the mark cannot always be reset there): it no longer counts.
 # Async calls are marked in a ContextVar (tasks interleave on one thread); sync calls in a
 # thread-local, which is cheaper and exact because a sync call never yields its thread.
 IN_CALL: contextvars.ContextVar["Call | None"] = contextvars.ContextVar("runguard_in_call", default=None)
@@ -42,7 +44,8 @@ IN_SYNC_CALL = _ThreadMark()
 
 def in_flight() -> "Call | None":
     """The guarded call running in this thread/task, if any."""
-    return IN_SYNC_CALL.call or IN_CALL.get()
+    call = IN_SYNC_CALL.call or IN_CALL.get()
+    return call if call is not None and not call.settled else None
 
 
 _INF = float("inf")
@@ -237,7 +240,7 @@ def _is_stream(result: Any) -> bool:
 def make_sync_guard(endpoint):
     def guard(wrapped, instance, args, kwargs):
         mark = IN_SYNC_CALL
-        if not RUNTIME.enabled or mark.call is not None or IN_CALL.get() is not None:
+        if not RUNTIME.enabled or mark.call is not None or ((outer := IN_CALL.get()) is not None and not outer.settled):
             return wrapped(*args, **kwargs)
         try:
             call = admit(endpoint, kwargs)
@@ -265,7 +268,7 @@ def make_async_guard(endpoint):
     # wrapper itself must be ``async def``; the check runs when the caller awaits,
     # which is still before any byte is sent.
     async def guard(wrapped, instance, args, kwargs):
-        if not RUNTIME.enabled or IN_CALL.get() is not None or IN_SYNC_CALL.call is not None:
+        if not RUNTIME.enabled or ((outer := IN_CALL.get()) is not None and not outer.settled) or IN_SYNC_CALL.call is not None:
             return await wrapped(*args, **kwargs)
         try:
             call = admit(endpoint, kwargs)

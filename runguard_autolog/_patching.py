@@ -27,6 +27,7 @@ from ._runtime import RUNTIME, internal_error, log_once
 INTEGRATIONS = {
     "runguard_autolog.integrations.openai": "openai",
     "runguard_autolog.integrations.mlflow_runs": "mlflow",
+    "runguard_autolog.integrations.langchain": "langchain_core",
 }
 
 
