@@ -152,6 +152,8 @@ def _dumps(value: Any) -> str:
 def _get(message: Any, key: str) -> Any:
     if isinstance(message, dict):
         return message.get(key)
+    if hasattr(type(message), "model_fields"):  # pydantic (SDK and LangChain messages): fields live
+        return message.__dict__.get(key)  # in __dict__, and a missing one raises slowly in __getattr__
     return getattr(message, key, None)
 
 

@@ -1,17 +1,22 @@
-"""LangChain and LangGraph: every chat model / LLM call, through a callback handler.
+"""LangChain and LangGraph: every chat model / LLM call, and every tool run.
 
-Meeting point: like ``mlflow.langchain.autolog()``, runguard patches
-``BaseCallbackManager.__init__`` so every callback manager LangChain builds carries
-runguard's handler (one shared instance, so ``merge`` and child managers never hold it
-twice). The handler runs inline and with ``raise_error``: a trip raised from
-``on_chat_model_start`` / ``on_llm_start`` propagates out of the user's ``invoke`` /
-``stream`` / ``batch`` (sync or async) before the request is made.
+Meeting point: the language model's own entry points, not its callbacks.
+``BaseChatModel.generate``/``agenerate`` are where ``invoke``, ``ainvoke``, ``batch`` and
+``abatch`` meet; ``stream``/``astream`` bypass them, so they are patched too (and the
+same for ``BaseLLM``). ``mlflow.langchain.autolog()`` instead injects a callback handler
+into every ``BaseCallbackManager``; runguard tried that first, but merely having a
+handler on every manager makes LangChain do run bookkeeping for every runnable in a
+graph: about 66 us per agent turn for a handler that does nothing, more than this guard's
+whole budget (1/10 of ``ModelCallLimitMiddleware``). A trip raised here leaves the
+user's ``invoke`` as ``RunGuardTripped`` before the request is made, whatever callbacks
+are attached.
 
-Counted once: while a LangChain model call is in flight, the handler marks it in the
-context, so the patched openai SDK underneath (``ChatOpenAI``) passes straight through.
-Usage settles from the ``AIMessage``'s ``usage_metadata`` (else ``llm_output``); the tool
-calls the model asks for feed the loop watch; ``on_tool_start`` refuses to run a tool
-once the unit of work has tripped.
+Counted once: while a LangChain model call is in flight it is marked in the context, so
+the patched openai SDK underneath (``ChatOpenAI``) passes straight through. Usage settles
+from the ``AIMessage``'s ``usage_metadata`` (else ``llm_output``); the tool calls the
+model asks for feed the loop watch; ``BaseTool.run``/``arun`` refuse to run a tool once
+the unit of work has tripped, so a repeated tool call is stopped before the tool runs
+again (LangGraph's default ``ToolNode`` error handling re-raises the trip).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from .. import pricing, tokens
-from .._guard import IN_CALL, admit, in_flight, release_quietly, settle_quietly, trip_exception, watch_tool_calls
+from .. import _recording, pricing, tokens
 from .._errors import RunGuardTripped
+from .._guard import (IN_CALL, IN_SYNC_CALL, admit, in_flight, release_quietly, settle_quietly, trip_exception,
+                      watch_tool_calls)
 from .._loops import observe_tool_calls
 from .._patching import PatchSpec
 from .._runtime import RUNTIME, internal_error
@@ -67,10 +73,10 @@ class LangChainEndpoint:
         return {"messages": kwargs["messages"], "tools": kwargs.get("tools")}
 
     @staticmethod
-    def usage(response: Any) -> tuple[int, int, int] | None:
-        """(input, output, cached input) tokens of an ``LLMResult``, ``None`` when absent."""
+    def usage(generation_lists: list, llm_output: dict | None) -> tuple[int, int, int] | None:
+        """(input, output, cached input) tokens of an ``LLMResult``'s generations, ``None`` when absent."""
         found = None
-        for generations in response.generations or ():
+        for generations in generation_lists or ():
             for generation in generations:
                 meta = getattr(getattr(generation, "message", None), "usage_metadata", None)
                 if meta:
@@ -81,7 +87,7 @@ class LangChainEndpoint:
                     found[2] += int(details.get("cache_read") or 0)
         if found is not None:
             return tuple(found)
-        usage = (response.llm_output or {}).get("token_usage") or (response.llm_output or {}).get("usage")
+        usage = (llm_output or {}).get("token_usage") or (llm_output or {}).get("usage")
         if isinstance(usage, dict) and ("prompt_tokens" in usage or "input_tokens" in usage):
             prompt = int(usage.get("prompt_tokens", usage.get("input_tokens")) or 0)
             output = int(usage.get("completion_tokens", usage.get("output_tokens")) or 0)
@@ -89,10 +95,10 @@ class LangChainEndpoint:
         return None
 
     @staticmethod
-    def tool_calls(response: Any) -> list[tuple[str, Any, Any]]:
+    def tool_calls(generation_lists: list) -> list[tuple[str, Any, Any]]:
         """(name, arguments, id) of each tool call the model asked for."""
         found = []
-        for generations in response.generations or ():
+        for generations in generation_lists or ():
             for generation in generations:
                 for call in getattr(getattr(generation, "message", None), "tool_calls", None) or ():
                     found.append((call.get("name"), call.get("args"), call.get("id")))
@@ -110,159 +116,320 @@ def _endpoint(kind: str, provider: str | None) -> LangChainEndpoint:
     return endpoint
 
 
-def _request(messages: Any, kwargs: dict) -> tuple[str, str | None, int, Any]:
-    """(model, provider, output cap, tools) from a callback's ``invocation_params``/``metadata``."""
-    params = kwargs.get("invocation_params") or {}
-    metadata = kwargs.get("metadata") or {}
-    model = params.get("model") or params.get("model_name") or metadata.get("ls_model_name") or ""
-    provider = _PROVIDERS.get(metadata.get("ls_provider") or "")
+# generate()'s own keywords; the rest are the model call's (tools, tool_choice, ...)
+_GENERATE_KEYWORDS = ("stop", "callbacks", "tags", "metadata", "run_name", "run_id")
+_counted: OrderedDict = OrderedDict()  # ids of tool calls already seen in a reply (bounded)
+_counted_lock = threading.Lock()
+
+
+_providers: dict[type, str | None] = {}  # model class -> genai-prices provider
+
+
+def _provider(instance: Any) -> str | None:
+    """The model class's provider, from its LangSmith params once per class (they cost ~17 us)."""
+    cls = type(instance)
+    try:
+        return _providers[cls]
+    except KeyError:
+        pass
+    try:
+        ls_provider = (instance._get_ls_params() or {}).get("ls_provider")
+    except Exception:
+        ls_provider = None
+    provider = _providers[cls] = _PROVIDERS.get(ls_provider or "")
+    return provider
+
+
+def _field(instance: Any, *names: str) -> Any:
+    """The first set model field among ``names`` (read from ``__dict__``: a missing attribute on
+    a pydantic model raises inside ``__getattr__``, which is slow)."""
+    fields = getattr(instance, "__dict__", {})
+    for name in names:
+        value = fields.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def _describe(instance: Any, kind: str, messages: list, stop: Any, call_kwargs: dict) -> tuple[Any, dict]:
+    """(endpoint, request) for one model call."""
+    model = call_kwargs.get("model") or _field(instance, "model_name", "model", "model_id") or ""
     cap = 0
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = params.get(name)
+    for value in (call_kwargs.get("max_completion_tokens"), call_kwargs.get("max_tokens"),
+                  _field(instance, "max_completion_tokens", "max_tokens", "max_output_tokens")):
         if type(value) is int and value > 0:
             cap = value
             break
-    else:
-        value = metadata.get("ls_max_tokens")
-        if type(value) is int and value > 0:
-            cap = value
-    choices = params.get("n")
+    choices = call_kwargs.get("n") or _field(instance, "n")
     if type(choices) is int and choices > 1:
         cap *= choices
-    return str(model), provider, cap, params.get("tools")
+    endpoint = _endpoint(kind, _provider(instance))
+    return endpoint, {"model": str(model), "messages": messages, "cap": cap, "tools": call_kwargs.get("tools")}
 
 
-class RunGuardCallbackHandler:
-    """Checks each LangChain model call before it is made and settles it after."""
+def _admit_all(instance: Any, kind: str, batches: list, stop: Any, call_kwargs: dict) -> list:
+    """One admitted call per prompt (``generate`` takes a batch); all or none."""
+    calls = []
+    try:
+        for messages in batches:
+            endpoint, request = _describe(instance, kind, list(messages), stop, call_kwargs)
+            calls.append(admit(endpoint, request))
+    except BaseException:
+        for call in calls:
+            release_quietly(call)
+        raise
+    return calls
 
-    # BaseCallbackHandler's switches, as plain attributes (the base class is mixed in below)
-    raise_error = True
-    run_inline = True
-    ignore_chain = True
-    ignore_agent = False  # LangChain dispatches on_tool_start under this switch
-    ignore_retriever = True
-    ignore_retry = True
-    ignore_custom_event = True
 
-    def __init__(self) -> None:
-        self._calls: dict[Any, tuple[Any, Any]] = {}  # run_id -> (Call, context token)
-        self._counted: OrderedDict = OrderedDict()  # tool-call ids already seen in a reply
-        self._lock = threading.Lock()
-
-    # -- model calls -------------------------------------------------------------------------
-    def on_chat_model_start(self, serialized: Any, messages: list, *, run_id: Any, **kwargs: Any) -> None:
-        self._start("chat", [m for batch in messages for m in batch], run_id, kwargs)
-
-    def on_llm_start(self, serialized: Any, prompts: list, *, run_id: Any, **kwargs: Any) -> None:
-        self._start("completion", list(prompts), run_id, kwargs)
-
-    def _start(self, kind: str, messages: list, run_id: Any, kwargs: dict) -> None:
-        if not RUNTIME.enabled or in_flight() is not None:
-            return  # off, or nested in a call already guarded: counted once
+def _settle(call: Any, usage: Any, tool_calls: list) -> None:
+    settle_quietly(call, usage)  # no usage: charged its forecast (logged once)
+    if tool_calls and call.loop_repeats != _INF:
         try:
-            model, provider, cap, tools = _request(messages, kwargs)
-            call = admit(_endpoint(kind, provider), {"model": model, "messages": messages, "cap": cap, "tools": tools})
+            with _counted_lock:
+                for _, _, call_id in tool_calls:
+                    if call_id:
+                        _counted[call_id] = None
+                while len(_counted) > 1024:
+                    _counted.popitem(last=False)
+            watch_tool_calls(call, [(name, args) for name, args, _ in tool_calls])
+        except Exception as error:
+            internal_error("langchain loop detection", error)
+
+
+def _settle_result(calls: list, result: Any) -> None:
+    try:
+        generations = result.generations
+        for position, call in enumerate(calls):
+            mine = [generations[position]]
+            llm_output = result.llm_output if len(calls) == 1 else None  # a batch's llm_output is summed
+            _settle(call, LangChainEndpoint.usage(mine, llm_output), LangChainEndpoint.tool_calls(mine))
+    except Exception as error:
+        for call in calls:
+            if not call.settled:
+                settle_quietly(call, None)
+        internal_error("langchain settle", error)
+
+
+def _generate_args(args: tuple, kwargs: dict) -> tuple[list, Any, dict]:
+    batches = args[0] if args else kwargs.get("messages", kwargs.get("prompts"))
+    stop = args[1] if len(args) > 1 else kwargs.get("stop")
+    call_kwargs = {k: v for k, v in kwargs.items() if k not in _GENERATE_KEYWORDS and k not in ("messages", "prompts")}
+    return batches, stop, call_kwargs
+
+
+def _make_generate(kind: str):
+    def guard(wrapped, instance, args, kwargs):
+        if not RUNTIME.enabled or in_flight() is not None:
+            return wrapped(*args, **kwargs)
+        try:
+            calls = _admit_all(instance, kind, *_generate_args(args, kwargs))
         except RunGuardTripped:
             raise
         except Exception as error:
             internal_error("langchain preflight", error)
-            return
-        token = IN_CALL.set(call)
-        with self._lock:
-            self._calls[run_id] = (call, token)
-
-    def _pop(self, run_id: Any):
-        with self._lock:
-            entry = self._calls.pop(run_id, None)
-        if entry is None:
-            return None
-        call, token = entry
+            return wrapped(*args, **kwargs)
+        mark = IN_SYNC_CALL
+        mark.call = calls[0]
         try:
+            result = wrapped(*args, **kwargs)
+        except BaseException:
+            for call in calls:
+                release_quietly(call)
+            raise
+        finally:
+            mark.call = None
+        _settle_result(calls, result)
+        return result
+
+    return guard
+
+
+def _make_agenerate(kind: str):
+    async def guard(wrapped, instance, args, kwargs):
+        if not RUNTIME.enabled or in_flight() is not None:
+            return await wrapped(*args, **kwargs)
+        try:
+            calls = _admit_all(instance, kind, *_generate_args(args, kwargs))
+        except RunGuardTripped:
+            raise
+        except Exception as error:
+            internal_error("langchain preflight", error)
+            return await wrapped(*args, **kwargs)
+        token = IN_CALL.set(calls[0])
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException:
+            for call in calls:
+                release_quietly(call)
+            raise
+        finally:
             IN_CALL.reset(token)
-        except ValueError:  # ended in another context (a stream consumed elsewhere)
-            IN_CALL.set(None)
-        return call
+        _settle_result(calls, result)
+        return result
 
-    def on_llm_end(self, response: Any, *, run_id: Any, **kwargs: Any) -> None:
-        call = self._pop(run_id)
-        if call is None:
-            return
+    return guard
+
+
+class _ChunkMeter:
+    """Usage and tool calls gathered from a LangChain stream's chunks."""
+
+    __slots__ = ("usage", "tools", "seen")
+
+    def __init__(self) -> None:
+        self.usage: list | None = None
+        self.tools: dict = {}
+        self.seen = False
+
+    def add(self, chunk: Any) -> None:
+        self.seen = True
+        meta = getattr(chunk, "usage_metadata", None)
+        if meta:
+            usage = self.usage = self.usage or [0, 0, 0]
+            usage[0] += int(meta.get("input_tokens") or 0)
+            usage[1] += int(meta.get("output_tokens") or 0)
+            usage[2] += int((meta.get("input_token_details") or {}).get("cache_read") or 0)
+        for part in getattr(chunk, "tool_call_chunks", None) or ():
+            entry = self.tools.setdefault(part.get("index"), ["", "", None])
+            entry[0] += part.get("name") or ""
+            entry[1] += part.get("args") or ""
+            entry[2] = entry[2] or part.get("id")
+
+    def settle(self, call: Any) -> None:
+        _settle(call, tuple(self.usage) if self.usage else None,
+                [(name, args, call_id) for name, args, call_id in self.tools.values() if name])
+
+
+def _stream_request(instance: Any, kind: str, args: tuple, kwargs: dict) -> Any:
+    source = args[0] if args else kwargs.get("input")
+    prompt = instance._convert_input(source)
+    messages = prompt.to_messages() if kind == "chat" else [prompt.to_string()]
+    call_kwargs = {k: v for k, v in kwargs.items() if k not in ("input", "config", "stop")}
+    endpoint, request = _describe(instance, kind, messages, kwargs.get("stop"), call_kwargs)
+    return admit(endpoint, request)
+
+
+def _make_stream(kind: str):
+    def guard(wrapped, instance, args, kwargs):
+        if not RUNTIME.enabled or in_flight() is not None:
+            return wrapped(*args, **kwargs)
+        return _metered(wrapped, instance, args, kwargs)
+
+    def _metered(wrapped, instance, args, kwargs):
         try:
-            usage = call.endpoint.usage(response)
+            call = _stream_request(instance, kind, args, kwargs)
+        except RunGuardTripped:
+            raise
         except Exception as error:
-            usage = None
-            internal_error("langchain usage", error)
-        settle_quietly(call, usage)  # no usage: charged its forecast (logged once)
-        if call.loop_repeats != _INF:
-            try:
-                found = call.endpoint.tool_calls(response)
-                if found:
-                    with self._lock:
-                        for _, _, call_id in found:
-                            if call_id:
-                                self._counted[call_id] = None
-                        while len(self._counted) > 1024:
-                            self._counted.popitem(last=False)
-                    watch_tool_calls(call, [(name, args) for name, args, _ in found])
-            except Exception as error:
-                internal_error("langchain loop detection", error)
-
-    def on_llm_error(self, error: BaseException, *, run_id: Any, **kwargs: Any) -> None:
-        call = self._pop(run_id)
-        if call is not None:
-            release_quietly(call)
-
-    # -- tools -------------------------------------------------------------------------------
-    def on_tool_start(self, serialized: Any, input_str: str, *, run_id: Any, inputs: Any = None,
-                      tool_call_id: Any = None, **kwargs: Any) -> None:
-        """Refuse to run a tool once the unit of work has tripped (a loop found in the reply
-        that asked for it, say); a tool call no reply showed is watched here."""
-        if not RUNTIME.enabled:
+            internal_error("langchain preflight", error)
+            yield from wrapped(*args, **kwargs)
             return
+        inner, meter, mark = wrapped(*args, **kwargs), _ChunkMeter(), IN_SYNC_CALL
         try:
-            charges, limits = current_charges()
-            scope = charges[-1][0]
-            with self._lock:
-                counted = tool_call_id is not None and self._counted.pop(tool_call_id, False) is None
-            if not counted and limits["loop_repeats"] != _INF:
-                name = (serialized or {}).get("name") or kwargs.get("name") or "tool"
-                trip = observe_tool_calls(scope, [(name, inputs if inputs is not None else input_str)],
-                                          limits["loop_repeats"])
-                if trip is not None and RUNTIME.store.trip(scope, trip) is trip:
-                    from .. import _recording
+            while True:
+                mark.call = call
+                try:
+                    chunk = next(inner)
+                except StopIteration:
+                    break
+                finally:
+                    mark.call = None
+                meter.add(chunk)
+                yield chunk
+        except BaseException:  # failed, or the consumer stopped early (GeneratorExit)
+            inner.close()
+            meter.settle(call) if meter.seen else release_quietly(call)
+            raise
+        meter.settle(call)
 
-                    _recording.tripped(trip, scope)
-            tripped = scope.tripped
+    return guard
+
+
+def _make_astream(kind: str):
+    def guard(wrapped, instance, args, kwargs):
+        if not RUNTIME.enabled or in_flight() is not None:
+            return wrapped(*args, **kwargs)
+        return _metered(wrapped, instance, args, kwargs)
+
+    async def _metered(wrapped, instance, args, kwargs):
+        try:
+            call = _stream_request(instance, kind, args, kwargs)
+        except RunGuardTripped:
+            raise
         except Exception as error:
-            internal_error("langchain tool check", error)
+            internal_error("langchain preflight", error)
+            async for chunk in wrapped(*args, **kwargs):
+                yield chunk
             return
-        if tripped is not None and limits["on_trip"] == "raise":
-            raise trip_exception(tripped)
+        inner, meter = wrapped(*args, **kwargs), _ChunkMeter()
+        try:
+            while True:
+                token = IN_CALL.set(call)
+                try:
+                    chunk = await inner.__anext__()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    IN_CALL.reset(token)
+                meter.add(chunk)
+                yield chunk
+        except BaseException:  # failed, or the consumer stopped early
+            await inner.aclose()
+            meter.settle(call) if meter.seen else release_quietly(call)
+            raise
+        meter.settle(call)
+
+    return guard
 
 
-def _handler_class():
-    """The handler as a real ``BaseCallbackHandler`` (langchain-core is imported by now)."""
-    from langchain_core.callbacks import BaseCallbackHandler
-
-    return type("RunGuardCallbackHandler", (RunGuardCallbackHandler, BaseCallbackHandler), {})
-
-
-HANDLER: Any = None
-
-
-def _manager_init(wrapped, instance, args, kwargs):
-    wrapped(*args, **kwargs)
+# -- tools -------------------------------------------------------------------------------------
+def _check_tool(instance: Any, args: tuple, kwargs: dict) -> None:
+    """Refuse to run a tool once the unit of work has tripped (a loop found in the reply that
+    asked for it, say); a tool call no reply announced is watched here."""
     try:
-        if RUNTIME.enabled and HANDLER is not None and type(instance).__module__ != "langgraph.callbacks":
-            instance.add_handler(HANDLER, inherit=True)  # one shared instance: never added twice
+        charges, limits = current_charges()
+        scope = charges[-1][0]
+        call_id = kwargs.get("tool_call_id")
+        with _counted_lock:
+            announced = call_id is not None and _counted.pop(call_id, False) is None
+        if not announced and limits["loop_repeats"] != _INF:
+            tool_input = args[0] if args else kwargs.get("tool_input")
+            trip = observe_tool_calls(scope, [(getattr(instance, "name", "tool"), tool_input)], limits["loop_repeats"])
+            if trip is not None and RUNTIME.store.trip(scope, trip) is trip:
+                _recording.tripped(trip, scope)
+        tripped = scope.tripped
     except Exception as error:
-        internal_error("langchain callback manager", error)
+        internal_error("langchain tool check", error)
+        return
+    if tripped is not None:
+        error = trip_exception(tripped)
+        _recording.refused(error, tripped, newly=False, target=f"tool {getattr(instance, 'name', '')}")
+        if limits["on_trip"] == "raise":
+            raise error
 
 
-PATCHES = (PatchSpec("langchain_core.callbacks.base", "BaseCallbackManager.__init__", wrapper=_manager_init),)
+def _tool_run(wrapped, instance, args, kwargs):
+    if RUNTIME.enabled:
+        _check_tool(instance, args, kwargs)
+    return wrapped(*args, **kwargs)
 
 
-def on_install() -> None:
-    global HANDLER
-    if HANDLER is None:
-        HANDLER = _handler_class()()
+async def _tool_arun(wrapped, instance, args, kwargs):
+    if RUNTIME.enabled:
+        _check_tool(instance, args, kwargs)
+    return await wrapped(*args, **kwargs)
+
+
+_CHAT = "langchain_core.language_models.chat_models"
+_LLMS = "langchain_core.language_models.llms"
+PATCHES = (
+    PatchSpec(_CHAT, "BaseChatModel.generate", wrapper=_make_generate("chat")),
+    PatchSpec(_CHAT, "BaseChatModel.agenerate", wrapper=_make_agenerate("chat")),
+    PatchSpec(_CHAT, "BaseChatModel.stream", wrapper=_make_stream("chat")),
+    PatchSpec(_CHAT, "BaseChatModel.astream", wrapper=_make_astream("chat")),
+    PatchSpec(_LLMS, "BaseLLM.generate", wrapper=_make_generate("completion")),
+    PatchSpec(_LLMS, "BaseLLM.agenerate", wrapper=_make_agenerate("completion")),
+    PatchSpec(_LLMS, "BaseLLM.stream", wrapper=_make_stream("completion")),
+    PatchSpec(_LLMS, "BaseLLM.astream", wrapper=_make_astream("completion")),
+    PatchSpec("langchain_core.tools.base", "BaseTool.run", wrapper=_tool_run),
+    PatchSpec("langchain_core.tools.base", "BaseTool.arun", wrapper=_tool_arun),
+)
