@@ -152,8 +152,9 @@ def _dumps(value: Any) -> str:
 def _get(message: Any, key: str) -> Any:
     if isinstance(message, dict):
         return message.get(key)
-    if hasattr(type(message), "model_fields"):  # pydantic (SDK and LangChain messages): fields live
-        return message.__dict__.get(key)  # in __dict__, and a missing one raises slowly in __getattr__
+    fields = getattr(message, "__dict__", None)  # pydantic (SDK and LangChain messages) keeps fields
+    if fields is not None and key in fields:  # here; a missing one raises slowly in __getattr__
+        return fields[key]
     return getattr(message, key, None)
 
 
@@ -171,6 +172,11 @@ def messages_tokens(messages: Any, model: str) -> int:
                 else:
                     total += PER_MESSAGE + count(content)
                 continue
+        fields = getattr(message, "__dict__", None)  # a LangChain or SDK message: its fields
+        if fields is not None and type(fields.get("content")) is str and not fields.get("tool_calls") \
+                and not fields.get("name"):
+            total += PER_MESSAGE + count(fields["content"])
+            continue
         total += PER_MESSAGE + _content_tokens(_get(message, "content"), count)
         name = _get(message, "name")
         if name:

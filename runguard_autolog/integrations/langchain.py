@@ -73,36 +73,32 @@ class LangChainEndpoint:
         return {"messages": kwargs["messages"], "tools": kwargs.get("tools")}
 
     @staticmethod
-    def usage(generation_lists: list, llm_output: dict | None) -> tuple[int, int, int] | None:
-        """(input, output, cached input) tokens of an ``LLMResult``'s generations, ``None`` when absent."""
-        found = None
+    def read(generation_lists: list, llm_output: dict | None) -> tuple[tuple | None, list]:
+        """From an ``LLMResult``'s generations: (input, output, cached input) tokens or ``None``,
+        and (name, arguments, id) of each tool call the model asked for. One pass."""
+        usage, tool_calls = None, []
         for generations in generation_lists or ():
             for generation in generations:
-                meta = getattr(getattr(generation, "message", None), "usage_metadata", None)
+                message = getattr(generation, "message", None)
+                if message is None:
+                    continue
+                meta = message.usage_metadata if hasattr(message, "usage_metadata") else None
                 if meta:
                     details = meta.get("input_token_details") or {}
-                    found = found or [0, 0, 0]
-                    found[0] += int(meta.get("input_tokens") or 0)
-                    found[1] += int(meta.get("output_tokens") or 0)
-                    found[2] += int(details.get("cache_read") or 0)
-        if found is not None:
-            return tuple(found)
-        usage = (llm_output or {}).get("token_usage") or (llm_output or {}).get("usage")
-        if isinstance(usage, dict) and ("prompt_tokens" in usage or "input_tokens" in usage):
-            prompt = int(usage.get("prompt_tokens", usage.get("input_tokens")) or 0)
-            output = int(usage.get("completion_tokens", usage.get("output_tokens")) or 0)
-            return prompt, output, 0
-        return None
-
-    @staticmethod
-    def tool_calls(generation_lists: list) -> list[tuple[str, Any, Any]]:
-        """(name, arguments, id) of each tool call the model asked for."""
-        found = []
-        for generations in generation_lists or ():
-            for generation in generations:
-                for call in getattr(getattr(generation, "message", None), "tool_calls", None) or ():
-                    found.append((call.get("name"), call.get("args"), call.get("id")))
-        return found
+                    usage = usage or [0, 0, 0]
+                    usage[0] += int(meta.get("input_tokens") or 0)
+                    usage[1] += int(meta.get("output_tokens") or 0)
+                    usage[2] += int(details.get("cache_read") or 0)
+                for call in getattr(message, "tool_calls", None) or ():
+                    tool_calls.append((call.get("name"), call.get("args"), call.get("id")))
+        if usage is not None:
+            return tuple(usage), tool_calls
+        token_usage = (llm_output or {}).get("token_usage") or (llm_output or {}).get("usage")
+        if isinstance(token_usage, dict) and ("prompt_tokens" in token_usage or "input_tokens" in token_usage):
+            prompt = int(token_usage.get("prompt_tokens", token_usage.get("input_tokens")) or 0)
+            output = int(token_usage.get("completion_tokens", token_usage.get("output_tokens")) or 0)
+            return (prompt, output, 0), tool_calls
+        return None, tool_calls
 
 
 _endpoints: dict[tuple[str, str | None], LangChainEndpoint] = {}
@@ -199,10 +195,11 @@ def _settle(call: Any, usage: Any, tool_calls: list) -> None:
 def _settle_result(calls: list, result: Any) -> None:
     try:
         generations = result.generations
-        for position, call in enumerate(calls):
-            mine = [generations[position]]
-            llm_output = result.llm_output if len(calls) == 1 else None  # a batch's llm_output is summed
-            _settle(call, LangChainEndpoint.usage(mine, llm_output), LangChainEndpoint.tool_calls(mine))
+        if len(calls) == 1:
+            _settle(calls[0], *LangChainEndpoint.read(generations, result.llm_output))
+            return
+        for position, call in enumerate(calls):  # a batch: llm_output is the batch's sum, so unused
+            _settle(call, *LangChainEndpoint.read([generations[position]], None))
     except Exception as error:
         for call in calls:
             if not call.settled:
