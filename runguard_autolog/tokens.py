@@ -175,7 +175,11 @@ def messages_tokens(messages: Any, model: str) -> int:
         fields = getattr(message, "__dict__", None)  # a LangChain or SDK message: its fields
         if fields is not None and type(fields.get("content")) is str and not fields.get("tool_calls") \
                 and not fields.get("name"):
-            total += PER_MESSAGE + count(fields["content"])
+            content = fields["content"]
+            if estimating and content.isascii():
+                total += PER_MESSAGE + (len(content) + 2) // 3  # estimate_text, inlined
+            else:
+                total += PER_MESSAGE + count(content)
             continue
         total += PER_MESSAGE + _content_tokens(_get(message, "content"), count)
         name = _get(message, "name")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import httpx
 import mlflow
@@ -168,3 +169,17 @@ def test_both_orders_with_mlflow_langchain_autolog_and_the_trip_on_the_trace(llm
         assert "RunGuardTripped" in text or "runguard" in text
     finally:
         mlflow.langchain.autolog(disable=True)
+
+
+def test_a_plain_llm_is_guarded_too(server):
+    from langchain_core.language_models.fake import FakeListLLM
+
+    runguard.autolog(max_calls=2, max_context_fraction=math.inf)
+    llm = FakeListLLM(responses=["a", "b", "c"])
+    llm.invoke("first prompt")
+    assert "".join(llm.stream("second prompt"))
+    with pytest.raises(runguard.RunGuardTripped):
+        llm.invoke("third prompt")
+    snapshot = runguard.current()
+    assert snapshot.calls == 2
+    assert snapshot.input_tokens == 4 + 5  # ceil(12 / 3) + ceil(13 / 3): the prompts estimated (no usage reported)

@@ -112,64 +112,53 @@ def _endpoint(kind: str, provider: str | None) -> LangChainEndpoint:
     return endpoint
 
 
-# generate()'s own keywords; the rest are the model call's (tools, tool_choice, ...)
-_GENERATE_KEYWORDS = ("stop", "callbacks", "tags", "metadata", "run_name", "run_id")
 _counted: OrderedDict = OrderedDict()  # ids of tool calls already seen in a reply (bounded)
 _counted_lock = threading.Lock()
 
 
-_providers: dict[type, str | None] = {}  # model class -> genai-prices provider
+_endpoints_by_class: dict[tuple[type, str], LangChainEndpoint] = {}
 
 
-def _provider(instance: Any) -> str | None:
-    """The model class's provider, from its LangSmith params once per class (they cost ~17 us)."""
-    cls = type(instance)
-    try:
-        return _providers[cls]
-    except KeyError:
-        pass
-    try:
-        ls_provider = (instance._get_ls_params() or {}).get("ls_provider")
-    except Exception:
-        ls_provider = None
-    provider = _providers[cls] = _PROVIDERS.get(ls_provider or "")
-    return provider
+def _endpoint_of(instance: Any, kind: str) -> LangChainEndpoint:
+    """The endpoint of a model class, its provider read from its LangSmith params once per
+    class (they cost ~17 us a call)."""
+    key = (type(instance), kind)
+    endpoint = _endpoints_by_class.get(key)
+    if endpoint is None:
+        try:
+            ls_provider = (instance._get_ls_params() or {}).get("ls_provider")
+        except Exception:
+            ls_provider = None
+        endpoint = _endpoints_by_class[key] = _endpoint(kind, _PROVIDERS.get(ls_provider or ""))
+    return endpoint
 
 
-def _field(instance: Any, *names: str) -> Any:
-    """The first set model field among ``names`` (read from ``__dict__``: a missing attribute on
-    a pydantic model raises inside ``__getattr__``, which is slow)."""
-    fields = getattr(instance, "__dict__", {})
-    for name in names:
-        value = fields.get(name)
-        if value is not None:
-            return value
-    return None
-
-
-def _describe(instance: Any, kind: str, messages: list, stop: Any, call_kwargs: dict) -> tuple[Any, dict]:
-    """(endpoint, request) for one model call."""
-    model = call_kwargs.get("model") or _field(instance, "model_name", "model", "model_id") or ""
-    cap = 0
-    for value in (call_kwargs.get("max_completion_tokens"), call_kwargs.get("max_tokens"),
-                  _field(instance, "max_completion_tokens", "max_tokens", "max_output_tokens")):
-        if type(value) is int and value > 0:
-            cap = value
-            break
-    choices = call_kwargs.get("n") or _field(instance, "n")
+def _admit_one(instance: Any, kind: str, messages: list, call_kwargs: dict) -> Any:
+    """Admit one model call. ``call_kwargs`` are the keywords the model was called with (only
+    ``model``, the max-token caps, ``n`` and ``tools`` are read)."""
+    fields = instance.__dict__  # model fields (reading a missing pydantic attribute is slow)
+    model = call_kwargs.get("model") or fields.get("model_name") or fields.get("model") or fields.get("model_id") or ""
+    cap = call_kwargs.get("max_completion_tokens") or call_kwargs.get("max_tokens") \
+        or fields.get("max_completion_tokens") or fields.get("max_tokens") or fields.get("max_output_tokens")
+    if type(cap) is not int or cap < 0:
+        cap = 0
+    choices = call_kwargs.get("n") or fields.get("n")
     if type(choices) is int and choices > 1:
         cap *= choices
-    endpoint = _endpoint(kind, _provider(instance))
-    return endpoint, {"model": str(model), "messages": messages, "cap": cap, "tools": call_kwargs.get("tools")}
+    request = {"model": str(model), "messages": messages, "cap": cap, "tools": call_kwargs.get("tools")}
+    return admit(_endpoint_of(instance, kind), request)
 
 
-def _admit_all(instance: Any, kind: str, batches: list, stop: Any, call_kwargs: dict) -> list:
+def _admit_all(instance: Any, kind: str, batches: list, call_kwargs: dict) -> list:
     """One admitted call per prompt (``generate`` takes a batch); all or none."""
+    if kind != "chat":
+        batches = [[prompt] for prompt in batches]  # an LLM's prompts are strings
+    if len(batches) == 1:
+        return [_admit_one(instance, kind, batches[0], call_kwargs)]
     calls = []
     try:
         for messages in batches:
-            endpoint, request = _describe(instance, kind, list(messages), stop, call_kwargs)
-            calls.append(admit(endpoint, request))
+            calls.append(_admit_one(instance, kind, list(messages), call_kwargs))
     except BaseException:
         for call in calls:
             release_quietly(call)
@@ -207,11 +196,9 @@ def _settle_result(calls: list, result: Any) -> None:
         internal_error("langchain settle", error)
 
 
-def _generate_args(args: tuple, kwargs: dict) -> tuple[list, Any, dict]:
-    batches = args[0] if args else kwargs.get("messages", kwargs.get("prompts"))
-    stop = args[1] if len(args) > 1 else kwargs.get("stop")
-    call_kwargs = {k: v for k, v in kwargs.items() if k not in _GENERATE_KEYWORDS and k not in ("messages", "prompts")}
-    return batches, stop, call_kwargs
+def _batches(args: tuple, kwargs: dict) -> list:
+    """``generate``'s prompts (a list of message lists, or of strings for an LLM)."""
+    return args[0] if args else kwargs.get("messages", kwargs.get("prompts"))
 
 
 def _make_generate(kind: str):
@@ -219,7 +206,7 @@ def _make_generate(kind: str):
         if not RUNTIME.enabled or in_flight() is not None:
             return wrapped(*args, **kwargs)
         try:
-            calls = _admit_all(instance, kind, *_generate_args(args, kwargs))
+            calls = _admit_all(instance, kind, _batches(args, kwargs), kwargs)
         except RunGuardTripped:
             raise
         except Exception as error:
@@ -246,7 +233,7 @@ def _make_agenerate(kind: str):
         if not RUNTIME.enabled or in_flight() is not None:
             return await wrapped(*args, **kwargs)
         try:
-            calls = _admit_all(instance, kind, *_generate_args(args, kwargs))
+            calls = _admit_all(instance, kind, _batches(args, kwargs), kwargs)
         except RunGuardTripped:
             raise
         except Exception as error:
@@ -300,9 +287,7 @@ def _stream_request(instance: Any, kind: str, args: tuple, kwargs: dict) -> Any:
     source = args[0] if args else kwargs.get("input")
     prompt = instance._convert_input(source)
     messages = prompt.to_messages() if kind == "chat" else [prompt.to_string()]
-    call_kwargs = {k: v for k, v in kwargs.items() if k not in ("input", "config", "stop")}
-    endpoint, request = _describe(instance, kind, messages, kwargs.get("stop"), call_kwargs)
-    return admit(endpoint, request)
+    return _admit_one(instance, kind, messages, kwargs)
 
 
 def _make_stream(kind: str):
