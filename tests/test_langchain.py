@@ -183,3 +183,20 @@ def test_a_plain_llm_is_guarded_too(server):
     snapshot = runguard.current()
     assert snapshot.calls == 2
     assert snapshot.input_tokens == 4 + 5  # ceil(12 / 3) + ceil(13 / 3): the prompts estimated (no usage reported)
+
+
+def test_a_non_openai_model_is_priced_by_its_provider(server):
+    from genai_prices import Usage, calc_price
+
+    class AnthropicLikeChat(GenericFakeChatModel):
+        model_name: str = "claude-3-5-haiku-latest"
+
+        def _get_ls_params(self, stop=None, **kwargs):
+            return {"ls_provider": "anthropic", "ls_model_name": self.model_name, "ls_model_type": "chat"}
+
+    runguard.autolog(max_cost_usd=1.0)
+    reply = AIMessage("hi", usage_metadata={"input_tokens": 1000, "output_tokens": 100, "total_tokens": 1100})
+    AnthropicLikeChat(messages=iter([reply])).invoke("x")
+    expected = float(calc_price(Usage(input_tokens=1000, output_tokens=100), model_ref="claude-3-5-haiku-latest",
+                                provider_id="anthropic").total_price)
+    assert runguard.current().cost_usd == pytest.approx(expected)
