@@ -10,6 +10,7 @@ Binds to 127.0.0.1 only.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -217,6 +218,12 @@ def _responses_events(reply: Reply, body: dict):
 class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # many concurrent clients connect at once in concurrency tests
     daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up (a cut stream, a closed keep-alive connection) is normal here."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 def _handler_for(server: FakeOpenAIServer):
