@@ -200,3 +200,26 @@ def test_a_non_openai_model_is_priced_by_its_provider(server):
     expected = float(calc_price(Usage(input_tokens=1000, output_tokens=100), model_ref="claude-3-5-haiku-latest",
                                 provider_id="anthropic").total_price)
     assert runguard.current().cost_usd == pytest.approx(expected)
+
+
+def test_an_internal_failure_degrades_to_the_unguarded_langchain_call(llm, server, monkeypatch, caplog):
+    from runguard_autolog import _runtime
+    from runguard_autolog.integrations import langchain as integration
+
+    def broken(self, kwargs):
+        raise KeyError("unexpected shape")
+
+    monkeypatch.setattr(integration.LangChainEndpoint, "forecast", broken)
+    _runtime.set_strict(False)
+    try:
+        runguard.autolog(max_calls=1)
+        reply = AIMessage("hi")
+        model = GenericFakeChatModel(messages=iter([reply, reply]))
+        assert model.invoke("one").content == model.invoke("two").content == "hi"  # unguarded, not broken
+        llm.invoke("three")  # LangChain's layer is unguarded; the openai SDK's patch still counts it
+        with pytest.raises(runguard.RunGuardTripped):
+            llm.invoke("four")
+    finally:
+        _runtime.set_strict(True)
+    assert server.count() == 1
+    assert sum("internal error during langchain preflight" in r.getMessage() for r in caplog.records) == 1

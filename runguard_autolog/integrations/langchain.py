@@ -201,16 +201,23 @@ def _batches(args: tuple, kwargs: dict) -> list:
     return args[0] if args else kwargs.get("messages", kwargs.get("prompts"))
 
 
+def _preflight(instance: Any, kind: str, args: tuple, kwargs: dict) -> list | None:
+    """The admitted calls of a ``generate``; ``None`` when runguard itself failed (the call
+    then goes ahead unguarded). A trip raises."""
+    try:
+        return _admit_all(instance, kind, _batches(args, kwargs), kwargs)
+    except RunGuardTripped:
+        raise
+    except Exception as error:
+        internal_error("langchain preflight", error)
+        return None
+
+
+# NB: the sync and async drivers below are deliberately parallel: keep them in step.
 def _make_generate(kind: str):
     def guard(wrapped, instance, args, kwargs):
-        if not RUNTIME.enabled or in_flight() is not None:
-            return wrapped(*args, **kwargs)
-        try:
-            calls = _admit_all(instance, kind, _batches(args, kwargs), kwargs)
-        except RunGuardTripped:
-            raise
-        except Exception as error:
-            internal_error("langchain preflight", error)
+        calls = None if not RUNTIME.enabled or in_flight() is not None else _preflight(instance, kind, args, kwargs)
+        if calls is None:
             return wrapped(*args, **kwargs)
         mark = IN_SYNC_CALL
         mark.call = calls[0]
@@ -230,14 +237,8 @@ def _make_generate(kind: str):
 
 def _make_agenerate(kind: str):
     async def guard(wrapped, instance, args, kwargs):
-        if not RUNTIME.enabled or in_flight() is not None:
-            return await wrapped(*args, **kwargs)
-        try:
-            calls = _admit_all(instance, kind, _batches(args, kwargs), kwargs)
-        except RunGuardTripped:
-            raise
-        except Exception as error:
-            internal_error("langchain preflight", error)
+        calls = None if not RUNTIME.enabled or in_flight() is not None else _preflight(instance, kind, args, kwargs)
+        if calls is None:
             return await wrapped(*args, **kwargs)
         token = IN_CALL.set(calls[0])
         try:
