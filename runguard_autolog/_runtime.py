@@ -53,6 +53,8 @@ _logged_lock = threading.Lock()
 
 def log_once(key: Any, message: str, *args: Any, level: int = logging.WARNING, exc_info: Any = None) -> None:
     """Log a message once per key: runguard sits on hot loops."""
+    if key in _logged:  # the common case, without the lock (a set lookup is atomic)
+        return
     with _logged_lock:
         if key in _logged:
             return
