@@ -223,3 +223,17 @@ def test_an_internal_failure_degrades_to_the_unguarded_langchain_call(llm, serve
         _runtime.set_strict(True)
     assert server.count() == 1
     assert sum("internal error during langchain preflight" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_identical_request_loop_through_langchain_only_when_enabled(llm, server):
+    runguard.autolog()
+    for _ in range(8):
+        llm.invoke("same question")
+    assert server.count() == 8  # off by default
+    runguard.autolog(loop_identical_requests=3)
+    with runguard.session():
+        with pytest.raises(runguard.RunGuardTripped) as info:
+            for _ in range(8):
+                llm.invoke("same question")
+    assert info.value.limit == "loop_identical_requests"
+    assert server.count() == 8 + 2
