@@ -105,7 +105,7 @@ def admit(endpoint, kwargs: dict) -> Call:
     window = None if rates is None else rates.context_window
     if window:
         if prompt > limits["max_context_fraction"] * window:
-            _open(charges[-1][0], _context_trip(charges[-1][0], model, prompt, window, limits))
+            open_circuit(charges[-1][0], _context_trip(charges[-1][0], model, prompt, window, limits))
     else:
         log_once(("no-window", model), "runguard: no context window known for model %r; context "
                  "overflow is not checked for it. Logged once.", model)
@@ -114,7 +114,7 @@ def admit(endpoint, kwargs: dict) -> Call:
         if payload is not None:
             trip = observe_request(charges[-1][0], model, payload, limits["loop_identical_requests"])
             if trip is not None:
-                _open(charges[-1][0], trip)
+                open_circuit(charges[-1][0], trip)
     refusal = RUNTIME.store.reserve(call, on_trip == "raise")
     if refusal is not None:
         refuse(call, refusal.trip, newly=refusal.new, target=endpoint.name)
@@ -131,7 +131,7 @@ def _context_trip(scope, model: str, prompt: int, window: int, limits: dict) -> 
     )
 
 
-def _open(scope, trip: Trip) -> None:
+def open_circuit(scope, trip: Trip) -> None:
     """Open a scope's circuit for a signal that is not a counter; record it if it is new."""
     if RUNTIME.store.trip(scope, trip) is trip:
         _recording.tripped(trip, scope)
@@ -198,15 +198,7 @@ def _finish(call: Call, result: Any, kwargs: dict) -> Any:
         if usage is None:
             settle(call, None)
             return result
-        # settle() and Call.amounts(), inlined for the common case
-        input_tokens, output_tokens, cached = usage
-        flat = call.flat
-        if flat is not None:
-            cost = (input_tokens - cached) * flat[0] + output_tokens * flat[1] + cached * flat[2]
-        else:
-            cost = call.rates.cost(input_tokens, output_tokens, cached)
-        actual = (1, 1, input_tokens, output_tokens, input_tokens + output_tokens, cost)
-        for scope, trip in RUNTIME.store.settle(call, actual):
+        for scope, trip in RUNTIME.store.settle(call, call.amounts(*usage)):  # settle(), inlined
             _recording.tripped(trip, scope)
         if call.loop_repeats != _INF:
             tool_calls = call.endpoint.tool_calls(result)
@@ -228,7 +220,7 @@ def watch_tool_calls(call: Call, tool_calls: list) -> None:
         scope = call.charges[-1][0]
         trip = observe_tool_calls(scope, tool_calls, call.loop_repeats)
         if trip is not None:
-            _open(scope, trip)
+            open_circuit(scope, trip)
 
 
 def _is_stream(result: Any) -> bool:

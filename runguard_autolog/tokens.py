@@ -164,18 +164,14 @@ def messages_tokens(messages: Any, model: str) -> int:
     estimating = count is estimate_text
     total = REPLY_PRIMING
     for message in messages or ():
-        if type(message) is dict and len(message) == 2:  # fast path: {"role": ..., "content": "..."}
-            content = message.get("content")
-            if type(content) is str:
-                if estimating and content.isascii():
-                    total += PER_MESSAGE + (len(content) + 2) // 3  # estimate_text, inlined
-                else:
-                    total += PER_MESSAGE + count(content)
-                continue
-        fields = getattr(message, "__dict__", None)  # a LangChain or SDK message: its fields
-        if fields is not None and type(fields.get("content")) is str and not fields.get("tool_calls") \
-                and not fields.get("name"):
-            content = fields["content"]
+        # fast path: a message that is only a role and a text ({"role", "content"} dict, or a
+        # LangChain/SDK message whose fields say so)
+        if type(message) is dict:
+            content = message.get("content") if len(message) == 2 else None
+        else:
+            fields = getattr(message, "__dict__", None)
+            content = None if fields is None or fields.get("tool_calls") or fields.get("name") else fields.get("content")
+        if type(content) is str:
             if estimating and content.isascii():
                 total += PER_MESSAGE + (len(content) + 2) // 3  # estimate_text, inlined
             else:

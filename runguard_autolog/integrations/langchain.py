@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import _recording, pricing, tokens
 from .._errors import RunGuardTripped
-from .._guard import (IN_CALL, IN_SYNC_CALL, admit, in_flight, release_quietly, settle_quietly, trip_exception,
+from .._guard import (IN_CALL, IN_SYNC_CALL, admit, in_flight, open_circuit, release_quietly, settle_quietly, trip_exception,
                       watch_tool_calls)
 from .._loops import observe_tool_calls
 from .._patching import PatchSpec
@@ -377,8 +377,8 @@ def _check_tool(instance: Any, args: tuple, kwargs: dict) -> None:
         if not announced and limits["loop_repeats"] != _INF:
             tool_input = args[0] if args else kwargs.get("tool_input")
             trip = observe_tool_calls(scope, [(getattr(instance, "name", "tool"), tool_input)], limits["loop_repeats"])
-            if trip is not None and RUNTIME.store.trip(scope, trip) is trip:
-                _recording.tripped(trip, scope)
+            if trip is not None:
+                open_circuit(scope, trip)
         tripped = scope.tripped
     except Exception as error:
         internal_error("langchain tool check", error)

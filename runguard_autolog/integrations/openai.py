@@ -18,10 +18,6 @@ from openai.types import CompletionUsage
 from .. import pricing, tokens
 from .._patching import PatchSpec
 
-_COUNTERS = tokens._counters  # model -> token counter, filled by tokens.counter_for()
-_ESTIMATE = tokens.estimate_text
-_PRIMING, _PER_MESSAGE = tokens.REPLY_PRIMING, tokens.PER_MESSAGE
-
 NAME = "openai"
 TARGET_MODULE = "openai"
 
@@ -48,18 +44,7 @@ class Endpoint:
             messages = kwargs.get("messages")
             if type(messages) is not list:  # the usual list needs no copying
                 messages = _reusable(kwargs, "messages")
-            prompt = 0
-            if _COUNTERS.get(model) is _ESTIMATE:
-                # tokens.messages_tokens() inlined for plain {"role", "content"} dicts (hot path)
-                prompt = _PRIMING
-                for message in messages:
-                    content = message.get("content") if type(message) is dict and len(message) == 2 else None
-                    if type(content) is not str or not content.isascii():
-                        prompt = 0
-                        break
-                    prompt += _PER_MESSAGE + (len(content) + 2) // 3  # estimate_text()
-            if not prompt:
-                prompt = tokens.messages_tokens(messages, model)
+            prompt = tokens.messages_tokens(messages, model)
             if "tools" in kwargs:
                 prompt += tokens.tools_tokens(kwargs["tools"], model)
             cap = 0
