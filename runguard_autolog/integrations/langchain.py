@@ -101,22 +101,9 @@ class LangChainEndpoint:
         return None, tool_calls
 
 
-_endpoints: dict[tuple[str, str | None], LangChainEndpoint] = {}
-
-
-def _endpoint(kind: str, provider: str | None) -> LangChainEndpoint:
-    key = (kind, provider)
-    endpoint = _endpoints.get(key)
-    if endpoint is None:
-        endpoint = _endpoints.setdefault(key, LangChainEndpoint(kind, provider))
-    return endpoint
-
-
 _counted: OrderedDict = OrderedDict()  # ids of tool calls already seen in a reply (bounded)
 _counted_lock = threading.Lock()
-
-
-_endpoints_by_class: dict[tuple[type, str], LangChainEndpoint] = {}
+_endpoints_by_class: dict[tuple[type, str], LangChainEndpoint] = {}  # (model class, kind) -> endpoint
 
 
 def _endpoint_of(instance: Any, kind: str) -> LangChainEndpoint:
@@ -129,7 +116,7 @@ def _endpoint_of(instance: Any, kind: str) -> LangChainEndpoint:
             ls_provider = (instance._get_ls_params() or {}).get("ls_provider")
         except Exception:
             ls_provider = None
-        endpoint = _endpoints_by_class[key] = _endpoint(kind, _PROVIDERS.get(ls_provider or ""))
+        endpoint = _endpoints_by_class[key] = LangChainEndpoint(kind, _PROVIDERS.get(ls_provider or ""))
     return endpoint
 
 
