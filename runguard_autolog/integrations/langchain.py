@@ -278,6 +278,17 @@ def _stream_request(instance: Any, kind: str, args: tuple, kwargs: dict) -> Any:
     return _admit_one(instance, kind, messages, kwargs)
 
 
+def _stream_preflight(instance: Any, kind: str, args: tuple, kwargs: dict) -> Any:
+    """The admitted call of a stream; ``None`` when runguard itself failed. A trip raises."""
+    try:
+        return _stream_request(instance, kind, args, kwargs)
+    except RunGuardTripped:
+        raise
+    except Exception as error:
+        internal_error("langchain preflight", error)
+        return None
+
+
 def _make_stream(kind: str):
     def guard(wrapped, instance, args, kwargs):
         if not RUNTIME.enabled or in_flight() is not None:
@@ -285,12 +296,8 @@ def _make_stream(kind: str):
         return _metered(wrapped, instance, args, kwargs)
 
     def _metered(wrapped, instance, args, kwargs):
-        try:
-            call = _stream_request(instance, kind, args, kwargs)
-        except RunGuardTripped:
-            raise
-        except Exception as error:
-            internal_error("langchain preflight", error)
+        call = _stream_preflight(instance, kind, args, kwargs)
+        if call is None:
             yield from wrapped(*args, **kwargs)
             return
         inner, meter, mark = wrapped(*args, **kwargs), _ChunkMeter(), IN_SYNC_CALL
@@ -321,12 +328,8 @@ def _make_astream(kind: str):
         return _metered(wrapped, instance, args, kwargs)
 
     async def _metered(wrapped, instance, args, kwargs):
-        try:
-            call = _stream_request(instance, kind, args, kwargs)
-        except RunGuardTripped:
-            raise
-        except Exception as error:
-            internal_error("langchain preflight", error)
+        call = _stream_preflight(instance, kind, args, kwargs)
+        if call is None:
             async for chunk in wrapped(*args, **kwargs):
                 yield chunk
             return
