@@ -45,6 +45,11 @@ class RunGuardTripped(RuntimeError):
         super().__init__(self._message())
 
     def _message(self) -> str:
+        if self.threshold is None:  # the provider refused in a way retrying cannot fix
+            return (
+                f"runguard: {self.reason} in scope {self.scope}. No further request was sent. "
+                f"Fix the cause, then call runguard.reset() or open a new runguard.session()."
+            )
         return (
             f"runguard: {self.reason} in scope {self.scope}. The call was not sent. "
             f"Raise the limit with runguard.autolog({self.limit}=...) or "

@@ -57,16 +57,21 @@ class Call(Reservation):
     """One admitted call: what it reserved, and how to price and settle it. Built by
     :func:`admit` (no ``__init__``: one Python frame less per billed call)."""
 
-    __slots__ = ("endpoint", "model", "rates", "flat", "prompt", "cap", "on_trip", "loop_repeats")
+    __slots__ = (
+        "endpoint", "model", "rates", "flat", "prompt", "cap", "on_trip", "loop_repeats", "limits",
+        # its HTTP attempts (see _attempts): how many left the process, whether the next one is
+        # a retry, seconds spent in them not yet charged, the trip that stopped a retry
+        "attempts", "retry_due", "seconds", "stopped",
+    )
 
     def amounts(self, input_tokens: float, output_tokens: float, cached: float = 0) -> tuple:
-        """The six counters (see ``_store.COUNTERS``) this usage adds, priced."""
+        """The counters (see ``_store.COUNTERS``) this usage adds, priced."""
         flat = self.flat
         if flat is not None:
             cost = (input_tokens - cached) * flat[0] + output_tokens * flat[1] + cached * flat[2]
         else:
             cost = self.rates.cost(input_tokens, output_tokens, cached)
-        return (1, 1, input_tokens, output_tokens, input_tokens + output_tokens, cost)
+        return (1, 1, input_tokens, output_tokens, input_tokens + output_tokens, cost, self.seconds)
 
 
 def trip_exception(trip) -> RunGuardTripped:
@@ -98,8 +103,13 @@ def admit(endpoint, kwargs: dict) -> Call:
     call.cap = cap
     call.on_trip = on_trip = limits["on_trip"]
     call.loop_repeats = limits["loop_repeats"]
+    call.limits = limits
+    call.attempts = 0
+    call.retry_due = False
+    call.seconds = 0.0
+    call.stopped = None
     cost = prompt * flat[0] + cap * flat[1] if flat is not None else rates.cost(prompt, cap)
-    call.forecast = (1, 1, prompt, cap, prompt + cap, cost)
+    call.forecast = (1, 1, prompt, cap, prompt + cap, cost, 0)
     # signals that are not counters open the innermost scope's circuit first; reserve() then
     # refuses the call like any other in a tripped scope
     window = None if rates is None else rates.context_window
@@ -184,6 +194,23 @@ def release_quietly(call: Call) -> None:
         internal_error("release", error)
 
 
+def failed(call: Call) -> "RunGuardTripped | None":
+    """The SDK call raised. Charge what its HTTP attempts used (a request and their seconds,
+    no tokens), or drop the hold if none left the process. Returns the trip that stopped it
+    when runguard did: an SDK that wraps transport errors (MLflow's deployments client) must
+    not hide it."""
+    try:
+        if call.attempts:
+            failure = (0, 1, 0, 0, 0, 0, call.seconds)
+            for scope, trip in RUNTIME.store.settle(call, failure, ok=False):
+                _recording.tripped(trip, scope)
+        else:
+            RUNTIME.store.release(call)
+    except Exception as error:
+        internal_error("release", error)
+    return call.stopped
+
+
 def _finish(call: Call, result: Any, kwargs: dict) -> Any:
     """After the SDK returned: wrap a stream, or settle. Never raises (except in strict mode)."""
     try:
@@ -245,10 +272,12 @@ def make_sync_guard(endpoint):
         try:
             result = wrapped(*args, **kwargs)
         except BaseException:
-            release_quietly(call)
-            raise
-        finally:
             mark.call = None
+            stopped = failed(call)
+            if stopped is not None:
+                raise stopped from None
+            raise
+        mark.call = None
         return _finish(call, result, kwargs)
 
     guard.runguard_endpoint = endpoint
@@ -273,10 +302,12 @@ def make_async_guard(endpoint):
         try:
             result = await wrapped(*args, **kwargs)
         except BaseException:
-            release_quietly(call)
-            raise
-        finally:
             IN_CALL.reset(token)
+            stopped = failed(call)
+            if stopped is not None:
+                raise stopped from None
+            raise
+        IN_CALL.reset(token)
         return _finish(call, result, kwargs)
 
     guard.runguard_endpoint = endpoint

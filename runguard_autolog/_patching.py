@@ -28,6 +28,7 @@ INTEGRATIONS = {
     "runguard_autolog.integrations.openai": "openai",
     "runguard_autolog.integrations.mlflow_runs": "mlflow",
     "runguard_autolog.integrations.langchain": "langchain_core",
+    "runguard_autolog.integrations.mlflow_deployments": "mlflow.deployments",
 }
 
 

@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from ._runtime import RUNTIME, log_once, logger
-from ._store import CALLS, COST, INPUT, OUTPUT, TOTAL
+from ._store import CALLS, COST, INPUT, OUTPUT, REQUESTS, TOTAL
 
 TAG_TRIPPED = "runguard.tripped"
 TAG_TRIP_LIMIT = "runguard.trip_limit"
@@ -25,6 +25,10 @@ TAG_TRIP_SCOPE = "runguard.trip_scope"
 METRIC_CALLS_AT_TRIP = "runguard.calls_at_trip"
 METRIC_TOKENS_AT_TRIP = "runguard.tokens_at_trip"
 METRIC_COST_AT_TRIP = "runguard.cost_usd_at_trip"
+METRIC_GATEWAY_REQUESTS = "runguard.gateway_requests"
+METRIC_CONSECUTIVE_429S = "runguard.consecutive_429s"
+# trips about HTTP attempts (a retry storm on a gateway route) also record those two
+GATEWAY_LIMITS = ("max_requests", "max_consecutive_429s", "max_request_latency_s", "request_refused")
 ATTR_CALLS = "runguard.calls"
 ATTR_INPUT_TOKENS = "runguard.input_tokens"
 ATTR_OUTPUT_TOKENS = "runguard.output_tokens"
@@ -128,6 +132,9 @@ def tripped(trip, scope=None) -> None:
             METRIC_TOKENS_AT_TRIP: used[TOTAL],
             METRIC_COST_AT_TRIP: used[COST],
         }
+        if trip.limit in GATEWAY_LIMITS:
+            metrics[METRIC_GATEWAY_REQUESTS] = used[REQUESTS]
+            metrics[METRIC_CONSECUTIVE_429S] = trip.consecutive_429s
         tags = {TAG_TRIPPED: trip.reason, TAG_TRIP_LIMIT: trip.limit, TAG_TRIP_SCOPE: trip.scope}
         _WORKER.submit(lambda: _write_run(run_id, uri, metrics, tags))
     except Exception as error:

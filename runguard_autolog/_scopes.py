@@ -36,7 +36,8 @@ class Scope:
     """Counters and the circuit of one unit of work."""
 
     __slots__ = (
-        "name", "own", "own_checks", "entered", "used", "reserved", "tripped", "loops", "_effective", "__weakref__",
+        "name", "own", "own_checks", "entered", "used", "reserved", "tripped", "throttled", "loops", "_effective",
+        "__weakref__",
     )
 
     def __init__(self, name: str, own: dict[str, Any] | None = None, entered: float | None = None) -> None:
@@ -44,9 +45,10 @@ class Scope:
         self.own = dict(own or {})
         self.own_checks = _checks(self.own)
         self.entered = time.time() if entered is None else entered
-        self.used = [0] * 6
-        self.reserved = [0] * 6
+        self.used = [0] * len(COUNTERS)
+        self.reserved = [0] * len(COUNTERS)
         self.tripped = None
+        self.throttled = 0  # consecutive 429 responses; a successful call ends the run
         self.loops = None  # _loops.LoopWatch, created when the first tool call or request is watched
         self._effective = (-1, None, None)
 
@@ -171,10 +173,10 @@ def innermost() -> Scope:
 class Snapshot:
     """What ``runguard.current()`` returns: a read-only view of one scope."""
 
-    __slots__ = ("scope", "calls", "requests", "input_tokens", "output_tokens", "total_tokens", "cost_usd", "limits", "tripped")
+    __slots__ = ("scope", *COUNTERS, "consecutive_429s", "limits", "tripped")
 
     def __init__(self, scope: Scope, is_innermost: bool = True) -> None:
-        used, trip = RUNTIME.store.snapshot(scope)
+        used, trip, self.consecutive_429s = RUNTIME.store.snapshot(scope)
         self.scope = scope.name
         for name, value in zip(COUNTERS, used):
             setattr(self, name, value)

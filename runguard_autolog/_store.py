@@ -19,26 +19,36 @@ Contract of a store (the in-memory one here; a shared store implements the same)
     with ``enforce=False`` (shadow mode) the call is reserved anyway. A refusal that
     the committed usage alone causes (not other calls still in flight) trips the
     scope: it is sticky.
-``settle(reservation, actual) -> [Trip, ...]``
+``settle(reservation, actual, ok=True) -> [Trip, ...]``
     Moves the forecast out of *reserved* and adds the actual usage to *used*;
     every scope whose counter reached a limit (``>=``) trips (sticky) and is
-    returned, so the *next* call is refused. Settling twice is a no-op.
+    returned, so the *next* call is refused. Settling twice is a no-op. A
+    successful call (``ok``) ends each scope's run of consecutive 429s; a call that
+    failed after sending (``ok=False``) settles what its attempts used.
 ``release(reservation)``
-    The call never billed (it failed before a response): drop the hold.
+    The call never reached the network (it failed before sending): drop the hold.
+``retry(reservation, seconds) -> Refusal | None``
+    One more HTTP attempt of an admitted call (an SDK's internal retry): commit the
+    ``seconds`` its earlier attempts spent, then admit the attempt as one more
+    request (``used`` at once: it is about to leave) or refuse it.
+``throttled(reservation, limits, retry_after) -> [(scope, Trip), ...]``
+    An attempt got a 429: lengthen each scope's run of consecutive 429s and trip
+    those that reached their ``max_consecutive_429s`` (``limits``: one per scope).
 ``reset(scope)``
     Zero the scope's used counters, forget its loop history and close its circuit.
 
-All amounts are 6-tuples in :data:`COUNTERS` order.
+All amounts are 7-tuples in :data:`COUNTERS` order (``request_seconds`` is the time
+spent inside LLM HTTP attempts).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-COUNTERS = ("calls", "requests", "input_tokens", "output_tokens", "total_tokens", "cost_usd")
-CALLS, REQUESTS, INPUT, OUTPUT, TOTAL, COST = range(6)
+COUNTERS = ("calls", "requests", "input_tokens", "output_tokens", "total_tokens", "cost_usd", "request_seconds")
+CALLS, REQUESTS, INPUT, OUTPUT, TOTAL, COST, SECONDS = range(7)
 COUNTER_OF_LIMIT = {
     "max_calls": CALLS,
     "max_requests": REQUESTS,
@@ -46,6 +56,7 @@ COUNTER_OF_LIMIT = {
     "max_output_tokens": OUTPUT,
     "max_total_tokens": TOTAL,
     "max_cost_usd": COST,
+    "max_request_latency_s": SECONDS,
 }
 LIMIT_OF_COUNTER = {index: name for name, index in COUNTER_OF_LIMIT.items()}
 _WHAT = {
@@ -55,6 +66,7 @@ _WHAT = {
     OUTPUT: "output-token ceiling",
     TOTAL: "total-token ceiling",
     COST: "cost ceiling (USD)",
+    SECONDS: "request-latency budget (s)",
 }
 
 
@@ -74,6 +86,7 @@ class Trip:
     observed: Any
     reason: str
     used: tuple = ()
+    consecutive_429s: int = 0
 
 
 def make_trip(scope_name: str, index: int, threshold: float, observed: float, limit: str, used, forecast=False) -> Trip:
@@ -82,6 +95,20 @@ def make_trip(scope_name: str, index: int, threshold: float, observed: float, li
     else:
         reason = f"{_WHAT[index]} hit ({_fmt(observed)}/{_fmt(threshold)})"
     return Trip(scope_name, limit, threshold, observed, reason, tuple(used))
+
+
+def in_flight_used(used) -> tuple:
+    """``used`` counting the first attempt of the call in flight (held until it settles), for
+    trips that happen during a call."""
+    counted = list(used)
+    counted[REQUESTS] += 1
+    return tuple(counted)
+
+
+def _retry_after_note(retry_after: float | None) -> str:
+    if retry_after is None:
+        return ""
+    return f"; the last one said Retry-After: {_fmt(round(retry_after, 3))} s"
 
 
 @dataclass
@@ -178,7 +205,7 @@ class MemoryStore:
                     reserved[index] += forecast[index]
         return refusal
 
-    def settle(self, reservation, actual):
+    def settle(self, reservation, actual, ok=True):
         trips = ()
         with self._lock:
             if reservation.settled:
@@ -193,6 +220,9 @@ class MemoryStore:
                 used[3] += actual[3]
                 used[4] += actual[4]
                 used[5] += actual[5]
+                used[6] += actual[6]
+                if ok:
+                    scope.throttled = 0
                 for index, threshold in checks:
                     reserved[index] -= forecast[index]
                     if used[index] >= threshold and scope.tripped is None:
@@ -212,9 +242,54 @@ class MemoryStore:
                 for index, _ in checks:
                     reserved[index] -= forecast[index]
 
+    def retry(self, reservation, seconds):
+        with self._lock:
+            charges = reservation.charges
+            for scope, checks in charges:
+                scope.used[SECONDS] += seconds
+            refusal = None
+            for scope, checks in charges:
+                used, reserved = scope.used, scope.reserved
+                if scope.tripped is None:
+                    for index, threshold in checks:
+                        if index == SECONDS and used[SECONDS] >= threshold:
+                            trip = make_trip(scope.name, SECONDS, threshold, used[SECONDS], LIMIT_OF_COUNTER[SECONDS], used)
+                            scope.tripped = replace(trip, used=in_flight_used(used), consecutive_429s=scope.throttled)
+                            refusal = Refusal(scope, scope.tripped, True, True)
+                            break
+                        if index == REQUESTS and used[REQUESTS] + reserved[REQUESTS] + 1 > threshold:
+                            refusal = _refusal(scope, REQUESTS, threshold, 1)
+                            if refusal.new:
+                                scope.tripped = refusal.trip = replace(
+                                    refusal.trip, used=in_flight_used(used), consecutive_429s=scope.throttled)
+                            break
+                else:
+                    refusal = Refusal(scope, scope.tripped, True, False)
+                if refusal is not None:
+                    return refusal
+            for scope, checks in charges:
+                scope.used[REQUESTS] += 1
+            return None
+
+    def throttled(self, reservation, limits, retry_after=None):
+        trips = []
+        with self._lock:
+            for (scope, _), limit in zip(reservation.charges, limits):
+                scope.throttled += 1
+                if scope.throttled >= limit and scope.tripped is None:
+                    scope.tripped = Trip(
+                        scope.name, "max_consecutive_429s", limit, scope.throttled,
+                        f"{scope.throttled} consecutive 429 (rate-limited) responses ({scope.throttled}/{_fmt(limit)})"
+                        + _retry_after_note(retry_after),
+                        in_flight_used(scope.used), scope.throttled,
+                    )
+                    trips.append((scope, scope.tripped))
+        return trips
+
     def reset(self, scope):
         with self._lock:
-            scope.used[:] = [0] * 6
+            scope.used[:] = [0] * len(COUNTERS)
+            scope.throttled = 0
             scope.tripped = None
             scope.loops = None  # the loop history goes with the circuit
 
@@ -227,4 +302,4 @@ class MemoryStore:
 
     def snapshot(self, scope):
         with self._lock:
-            return tuple(scope.used), scope.tripped
+            return tuple(scope.used), scope.tripped, scope.throttled

@@ -68,7 +68,7 @@ def _clean():
     runguard.autolog(disable=True)
     _recording.flush(10)
     _runtime.RUNTIME.store.reset(_scopes.PROCESS)
-    _scopes.PROCESS.reserved[:] = [0] * 6
+    _scopes.PROCESS.reserved[:] = [0] * len(_scopes.COUNTERS)
     _scopes._RUNS.clear()
     _scopes._RUN_STARTS.clear()
     _recording._spanned_trips.clear()

@@ -86,6 +86,7 @@ def test_sdk_errors_propagate_unchanged_and_release_the_reservation(client, serv
         with pytest.raises(openai.NotFoundError):
             chat(client)
     assert runguard.current().calls == 0  # nothing billed, nothing held
+    assert runguard.current().requests == 3  # but each HTTP attempt counts
     assert runguard.current().tripped is None
 
 

@@ -1,0 +1,237 @@
+"""Every HTTP attempt of a guarded call: the retries SDKs make inside one call, 429 runs,
+refusals that retrying cannot fix, and the time spent inside LLM requests.
+
+A retry storm against a shared gateway route happens *inside* one SDK call (the openai
+client's ``max_retries`` loop, urllib3's ``Retry`` under MLflow's ``http_request``), so
+the call guard alone cannot stop it. Each SDK integration therefore also wraps its
+transport's per-attempt function (``SyncAPIClient._send_request`` for openai, urllib3's
+``HTTPConnectionPool._make_request`` for MLflow's deployments client) with
+:func:`sync_attempt` / :func:`async_attempt`, giving a ``Reader`` for its response type.
+Outside a guarded call those wrappers pass straight through.
+
+Per attempt of a guarded call:
+
+- before a retry (an attempt after one that failed): charge the seconds spent so far and
+  admit the retry as one more request, or refuse it: after a trip no further attempt
+  leaves the process;
+- after it: its seconds (measured around the attempt only, so span export and the tracking
+  server never count), and for a 4xx the verdict: a 429 lengthens the scope's run of
+  consecutive 429s and trips at ``max_consecutive_429s``; a 429 that is a budget or quota
+  rejection trips at once, because retrying cannot succeed. Either raises
+  ``RunGuardTripped`` right there, before the SDK sleeps its backoff. A 401/402/403 (bad
+  key, no credit, no permission) also opens the circuit at once, but the SDK's own error
+  reaches the caller (no SDK retries those): the next call is refused. Other statuses
+  (404 and 400 are about one request; 5xx and 408 are transient) only count.
+
+The first attempt is held by the call's own reservation (one request), so the hot path
+adds only the bookkeeping on the ``Call``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any, Callable
+
+from . import _recording
+from ._guard import IN_CALL, IN_SYNC_CALL, Call, refuse
+from ._runtime import RUNTIME, internal_error
+from ._store import Trip, in_flight_used
+
+_perf = time.perf_counter
+_INF = float("inf")
+
+# statuses no request from this caller can get past (bad key, no credit, no permission)
+NEVER_SUCCEEDS = frozenset((401, 402, 403))
+# words of a 429 that is a spending refusal, not a throttle (MLflow gateway budget policies
+# answer "Budget limit exceeded ..."; OpenAI answers quota exhaustion with "insufficient_quota")
+_REFUSAL_WORDS = ("budget", "quota")
+
+
+class Reader:
+    """How to read one transport's response: status, a header, and (rare path) the body."""
+
+    def status(self, response: Any) -> int:
+        raise NotImplementedError
+
+    def header(self, response: Any, name: str) -> str | None:
+        raise NotImplementedError
+
+    def text(self, response: Any) -> tuple[Any, str]:
+        """(the response to hand back, its body as text); reading must not lose the body."""
+        raise NotImplementedError
+
+    def close(self, response: Any) -> None:
+        raise NotImplementedError
+
+    async def aclose(self, response: Any) -> None:
+        self.close(response)
+
+
+def sync_attempt(reader: Reader, current: Callable[[], "Call | None"]):
+    """A wrapt wrapper for a transport's per-attempt function; ``current`` finds the guarded
+    call this attempt belongs to (``None``: not an LLM attempt, pass through)."""
+
+    def attempt(wrapped, instance, args, kwargs):
+        call = current()
+        if call is None or call.settled:
+            return wrapped(*args, **kwargs)
+        if call.retry_due:
+            before_retry(call)
+        call.attempts += 1
+        call.retry_due = True  # until this attempt is seen to succeed
+        started = _perf()
+        try:
+            response = wrapped(*args, **kwargs)
+        finally:
+            call.seconds += _perf() - started
+        if reader.status(response) < 400:
+            call.retry_due = False
+            return response
+        response, trip = judge(call, reader, response)
+        if trip is not None:
+            try:
+                reader.close(response)
+            except Exception as error:
+                internal_error("closing a refused response", error)
+            stop(call, *trip)
+        return response
+
+    return attempt
+
+
+def async_attempt(reader: Reader, current: Callable[[], "Call | None"]):
+    """:func:`sync_attempt` for a coroutine function (keep the two in step)."""
+
+    async def attempt(wrapped, instance, args, kwargs):
+        call = current()
+        if call is None or call.settled:
+            return await wrapped(*args, **kwargs)
+        if call.retry_due:
+            before_retry(call)
+        call.attempts += 1
+        call.retry_due = True
+        started = _perf()
+        try:
+            response = await wrapped(*args, **kwargs)
+        finally:
+            call.seconds += _perf() - started
+        if reader.status(response) < 400:
+            call.retry_due = False
+            return response
+        response, trip = judge(call, reader, response)
+        if trip is not None:
+            try:
+                await reader.aclose(response)
+            except Exception as error:
+                internal_error("closing a refused response", error)
+            stop(call, *trip)
+        return response
+
+    return attempt
+
+
+def sync_call() -> "Call | None":
+    return IN_SYNC_CALL.call
+
+
+def async_call() -> "Call | None":
+    return IN_CALL.get()
+
+
+def before_retry(call: Call) -> None:
+    """Admit one more attempt of ``call`` (raises ``RunGuardTripped`` when refused)."""
+    refusal = RUNTIME.store.retry(call, call.seconds)
+    call.seconds = 0.0  # charged
+    if refusal is not None:
+        stop(call, refusal.scope, refusal.trip, refusal.new)
+
+
+def judge(call: Call, reader: Reader, response: Any) -> tuple[Any, tuple | None]:
+    """A 4xx/5xx attempt: (the response to hand back, ``(scope, trip, newly)`` when it must
+    stop here)."""
+    try:
+        status = reader.status(response)
+        if status == 429:
+            response, text = reader.text(response)
+            retry_after = parse_retry_after(reader.header(response, "retry-after"))
+            if any(word in text.lower() for word in _REFUSAL_WORDS):
+                trip = _refused(call, status, text, retry_after, "max_consecutive_429s")
+            else:
+                trip = _throttled(call, retry_after)
+        elif status in NEVER_SUCCEEDS:  # open the circuit; the SDK's own error goes to the caller
+            response, text = reader.text(response)
+            scope, trip, newly = _refused(call, status, text, None, "request_refused")
+            if newly:
+                _recording.tripped(trip, scope)
+            return response, None
+        else:  # 404, 400, 422, 5xx, 408, 409 ...: counted as a request; the SDK decides on retrying
+            return response, None
+    except Exception as error:
+        internal_error("reading a failed attempt", error)
+        return response, None
+    return response, trip
+
+
+def _throttled(call: Call, retry_after: float | None):
+    innermost = len(call.charges) - 1
+    limits = [
+        call.limits["max_consecutive_429s"] if position == innermost else scope.own.get("max_consecutive_429s", _INF)
+        for position, (scope, _) in enumerate(call.charges)
+    ]
+    trips = RUNTIME.store.throttled(call, limits, retry_after)
+    for scope, trip in trips[1:]:
+        _recording.tripped(trip, scope)
+    if trips:
+        scope, trip = trips[0]
+        return scope, trip, True
+    # a scope tripped earlier (by another call in flight) also stops this call's retries
+    for scope, _ in call.charges:
+        if scope.tripped is not None:
+            return scope, scope.tripped, False
+    return None
+
+
+def _refused(call: Call, status: int, text: str, retry_after: float | None, limit: str):
+    """A refusal retrying cannot fix trips the innermost scope at once."""
+    scope = call.charges[-1][0]
+    what = "a budget/quota refusal" if status == 429 else "a refusal"
+    detail = " ".join(text.split())[:200]
+    note = "" if retry_after is None else f"; Retry-After: {retry_after:g} s"
+    trip = Trip(
+        scope.name, limit, None, status,
+        f"{call.endpoint.name} answered HTTP {status}, {what} that retrying cannot fix ({detail!r}{note})",
+        in_flight_used(scope.used), scope.throttled,
+    )
+    opened = RUNTIME.store.trip(scope, trip)
+    return scope, opened, opened is trip
+
+
+def stop(call: Call, scope: Any, trip: Trip, newly: bool) -> None:
+    """Record the trip; then raise it (remembered on the call, for SDKs that wrap it) or, in
+    shadow mode, let the attempt go ahead."""
+    try:
+        refuse(call, trip, newly=newly, target=call.endpoint.name)
+    except BaseException as error:
+        call.stopped = error if call.stopped is None else call.stopped
+        raise
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (seconds or an HTTP-date); ``None`` if malformed."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    if seconds != seconds or seconds in (_INF, -_INF):
+        return None
+    return max(0.0, seconds)
