@@ -11,6 +11,7 @@ received.
 from __future__ import annotations
 
 import email.utils
+import math
 import threading
 import time
 
@@ -356,3 +357,35 @@ def test_request_latency_excludes_a_slow_tracking_server(server, tmp_path, monke
         mlflow.openai.autolog(disable=True)
         mlflow.set_tracking_uri(None)
         process.stop()
+
+
+# -- other deployments clients --------------------------------------------------------------
+def test_databricks_client_predict_and_predict_stream_are_guarded(server, monkeypatch):
+    monkeypatch.setenv("DATABRICKS_HOST", server.base_url.removesuffix("/v1"))
+    monkeypatch.setenv("DATABRICKS_TOKEN", "test")
+    client = get_deploy_client("databricks")
+    runguard.autolog(max_calls=2, max_output_tokens=math.inf)
+    inputs = {"messages": [{"role": "user", "content": "hi"}]}
+    assert client.predict(endpoint="chat", inputs=inputs)["usage"]["completion_tokens"] == 1
+    server.default = Reply(content="one two three four")
+    chunks = list(client.predict_stream(endpoint="chat", inputs=inputs))
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]).strip()
+    assert runguard.current().calls == 2
+    with pytest.raises(runguard.RunGuardTripped):
+        client.predict(endpoint="chat", inputs=inputs)
+    assert server.count("/serving-endpoints/chat/invocations") == 2
+
+
+def test_databricks_stream_is_cut_at_the_output_ceiling(server, monkeypatch):
+    monkeypatch.setenv("DATABRICKS_HOST", server.base_url.removesuffix("/v1"))
+    monkeypatch.setenv("DATABRICKS_TOKEN", "test")
+    client = get_deploy_client("databricks")
+    server.default = Reply(content=" ".join(["word"] * 50))
+    runguard.autolog(max_output_tokens=5)
+    received = []
+    with pytest.raises(runguard.RunGuardTripped) as caught:
+        for chunk in client.predict_stream(endpoint="chat", inputs={"messages": [{"role": "user", "content": "hi"}]}):
+            received.append(chunk)
+    assert caught.value.limit == "max_output_tokens"
+    assert 0 < len(received) < 50
+    assert server.count() == 1

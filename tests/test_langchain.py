@@ -237,3 +237,24 @@ def test_identical_request_loop_through_langchain_only_when_enabled(llm, server)
                 llm.invoke("same question")
     assert info.value.limit == "loop_identical_requests"
     assert server.count() == 8 + 2
+
+
+def test_chatopenai_internal_retries_count_and_the_trip_is_not_hidden(server):
+    server.default = Reply(status=429, headers={"retry-after-ms": "1"})
+    llm = ChatOpenAI(model=MODEL, base_url=server.base_url, api_key="test", max_retries=6)
+    runguard.autolog()
+    with pytest.raises(runguard.RunGuardTripped) as caught:
+        llm.invoke("hello")
+    assert server.count() == 5  # the default max_consecutive_429s, not 1 + 6 retries
+    assert caught.value.limit == "max_consecutive_429s"
+    assert runguard.current().requests == 5 and runguard.current().calls == 0
+
+
+async def test_async_chatopenai_internal_retries_stop_at_the_trip(server):
+    server.default = Reply(status=429, headers={"retry-after-ms": "1"})
+    llm = ChatOpenAI(model=MODEL, base_url=server.base_url, api_key="test", max_retries=6,
+                     http_async_client=httpx.AsyncClient())
+    runguard.autolog(max_consecutive_429s=2)
+    with pytest.raises(runguard.RunGuardTripped):
+        await llm.ainvoke("hello")
+    assert server.count() == 2

@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import _recording, pricing, tokens
 from .._errors import RunGuardTripped
-from .._guard import (IN_CALL, IN_SYNC_CALL, admit, in_flight, open_circuit, release_quietly, settle_quietly, trip_exception,
+from .._guard import (IN_CALL, IN_SYNC_CALL, admit, failed, in_flight, open_circuit, release_quietly, settle_quietly, trip_exception,
                       watch_tool_calls)
 from .._loops import observe_tool_calls
 from .._patching import PatchSpec
@@ -183,6 +183,15 @@ def _settle_result(calls: list, result: Any) -> None:
         internal_error("langchain settle", error)
 
 
+def _failed(calls: list):
+    """The model raised: charge what its HTTP attempts used; the trip that stopped it, if any
+    (LangChain's callbacks and retries must not hide it)."""
+    stopped = None
+    for call in calls:
+        stopped = failed(call) or stopped
+    return stopped
+
+
 def _batches(args: tuple, kwargs: dict) -> list:
     """``generate``'s prompts (a list of message lists, or of strings for an LLM)."""
     return args[0] if args else kwargs.get("messages", kwargs.get("prompts"))
@@ -211,8 +220,10 @@ def _make_generate(kind: str):
         try:
             result = wrapped(*args, **kwargs)
         except BaseException:
-            for call in calls:
-                release_quietly(call)
+            mark.call = None
+            stopped = _failed(calls)
+            if stopped is not None:
+                raise stopped from None
             raise
         finally:
             mark.call = None
@@ -231,8 +242,9 @@ def _make_agenerate(kind: str):
         try:
             result = await wrapped(*args, **kwargs)
         except BaseException:
-            for call in calls:
-                release_quietly(call)
+            stopped = _failed(calls)
+            if stopped is not None:
+                raise stopped from None
             raise
         finally:
             IN_CALL.reset(token)
@@ -314,7 +326,11 @@ def _make_stream(kind: str):
                 yield chunk
         except BaseException:  # failed, or the consumer stopped early (GeneratorExit)
             inner.close()
-            meter.settle(call) if meter.seen else release_quietly(call)
+            stopped = None if meter.seen else failed(call)
+            if meter.seen:
+                meter.settle(call)
+            if stopped is not None:
+                raise stopped from None
             raise
         meter.settle(call)
 
@@ -347,7 +363,11 @@ def _make_astream(kind: str):
                 yield chunk
         except BaseException:  # failed, or the consumer stopped early
             await inner.aclose()
-            meter.settle(call) if meter.seen else release_quietly(call)
+            stopped = None if meter.seen else failed(call)
+            if meter.seen:
+                meter.settle(call)
+            if stopped is not None:
+                raise stopped from None
             raise
         meter.settle(call)
 

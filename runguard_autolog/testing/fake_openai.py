@@ -274,6 +274,8 @@ def _handler_for(server: FakeOpenAIServer):
                 self._send_json(200, _completion_json(reply, body), reply.headers)
             elif path.endswith("/embeddings"):
                 self._send_json(200, _embedding_json(reply, body), reply.headers)
+            elif stream:  # any other route (a gateway's, a serving endpoint's) answers as chat
+                self._send_sse(_chat_chunks(reply, body), reply, done_marker=True)
             else:
                 self._send_json(200, _chat_json(reply, body), reply.headers)
 
