@@ -51,8 +51,10 @@ _REFUSAL_WORDS = ("budget", "quota")
 class Reader:
     """How to read one transport's response: status, a header, and (rare path) the body."""
 
+    status_attribute = "status"  # the response attribute holding the HTTP status
+
     def status(self, response: Any) -> int:
-        raise NotImplementedError
+        return getattr(response, self.status_attribute)
 
     def header(self, response: Any, name: str) -> str | None:
         raise NotImplementedError
@@ -68,12 +70,17 @@ class Reader:
         self.close(response)
 
 
-def sync_attempt(reader: Reader, current: Callable[[], "Call | None"]):
-    """A wrapt wrapper for a transport's per-attempt function; ``current`` finds the guarded
-    call this attempt belongs to (``None``: not an LLM attempt, pass through)."""
+# NB: the two wrappers below run on every HTTP attempt of the openai hot path: the status
+# is read with getattr() and the sync call's mark inline (each Python function touched per
+# call costs in situ; see _guard). Keep them in step.
+def sync_attempt(reader: Reader, current: Callable[[], "Call | None"] | None = None):
+    """A wrapt wrapper for a transport's per-attempt function. ``current`` finds the guarded
+    call this attempt belongs to (``None``: not an LLM attempt, pass through); by default,
+    the sync call in flight in this thread."""
+    status_of = reader.status_attribute
 
     def attempt(wrapped, instance, args, kwargs):
-        call = current()
+        call = IN_SYNC_CALL.call if current is None else current()
         if call is None or call.settled:
             return wrapped(*args, **kwargs)
         if call.retry_due:
@@ -85,7 +92,7 @@ def sync_attempt(reader: Reader, current: Callable[[], "Call | None"]):
             response = wrapped(*args, **kwargs)
         finally:
             call.seconds += _perf() - started
-        if reader.status(response) < 400:
+        if getattr(response, status_of) < 400:
             call.retry_due = False
             return response
         response, trip = judge(call, reader, response)
@@ -100,11 +107,12 @@ def sync_attempt(reader: Reader, current: Callable[[], "Call | None"]):
     return attempt
 
 
-def async_attempt(reader: Reader, current: Callable[[], "Call | None"]):
-    """:func:`sync_attempt` for a coroutine function (keep the two in step)."""
+def async_attempt(reader: Reader):
+    """:func:`sync_attempt` for a coroutine function: the call in flight in this task."""
+    status_of = reader.status_attribute
 
     async def attempt(wrapped, instance, args, kwargs):
-        call = current()
+        call = IN_CALL.get()
         if call is None or call.settled:
             return await wrapped(*args, **kwargs)
         if call.retry_due:
@@ -116,7 +124,7 @@ def async_attempt(reader: Reader, current: Callable[[], "Call | None"]):
             response = await wrapped(*args, **kwargs)
         finally:
             call.seconds += _perf() - started
-        if reader.status(response) < 400:
+        if getattr(response, status_of) < 400:
             call.retry_due = False
             return response
         response, trip = judge(call, reader, response)
@@ -129,14 +137,6 @@ def async_attempt(reader: Reader, current: Callable[[], "Call | None"]):
         return response
 
     return attempt
-
-
-def sync_call() -> "Call | None":
-    return IN_SYNC_CALL.call
-
-
-def async_call() -> "Call | None":
-    return IN_CALL.get()
 
 
 def before_retry(call: Call) -> None:

@@ -169,8 +169,7 @@ def _predict_stream(wrapped, instance, args, kwargs):
 class Urllib3Reader(Reader):
     """urllib3 responses as ``requests`` (under MLflow's ``http_request``) receives them."""
 
-    def status(self, response: Any) -> int:
-        return response.status
+    status_attribute = "status"
 
     def header(self, response: Any, name: str) -> str | None:
         return response.headers.get(name)

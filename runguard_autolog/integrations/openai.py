@@ -16,7 +16,7 @@ from typing import Any
 from openai.types import CompletionUsage
 
 from .. import pricing, tokens
-from .._attempts import Reader, async_attempt, async_call, sync_attempt, sync_call
+from .._attempts import Reader, async_attempt, sync_attempt
 from .._patching import PatchSpec
 
 NAME = "openai"
@@ -252,8 +252,7 @@ RESPONSES = Endpoint("openai.responses", "responses")
 class HttpxReader(Reader):
     """The openai client's responses (httpx)."""
 
-    def status(self, response: Any) -> int:
-        return response.status_code
+    status_attribute = "status_code"
 
     def header(self, response: Any, name: str) -> str | None:
         return response.headers.get(name)
@@ -276,8 +275,8 @@ _READER = HttpxReader()
 
 PATCHES: tuple[PatchSpec, ...] = (
     # every HTTP attempt, the client's own retries included (see _attempts)
-    PatchSpec("openai._base_client", "SyncAPIClient._send_request", wrapper=sync_attempt(_READER, sync_call)),
-    PatchSpec("openai._base_client", "AsyncAPIClient._send_request", wrapper=async_attempt(_READER, async_call)),
+    PatchSpec("openai._base_client", "SyncAPIClient._send_request", wrapper=sync_attempt(_READER)),
+    PatchSpec("openai._base_client", "AsyncAPIClient._send_request", wrapper=async_attempt(_READER)),
     PatchSpec("openai.resources.chat.completions", "Completions.create", CHAT, is_async=False),
     PatchSpec("openai.resources.chat.completions", "Completions.parse", CHAT, is_async=False),
     PatchSpec("openai.resources.chat.completions", "AsyncCompletions.create", CHAT, is_async=True),
