@@ -37,6 +37,7 @@ __all__ = [
     "reset",
     "flush",
     "register_encoding",
+    "config",
     "RunGuardTripped",
     "RunGuardConfigError",
     "Snapshot",
@@ -83,3 +84,14 @@ def autolog(
         RUNTIME.configure(settings)
         RUNTIME.enabled = True
         _patching.install_all()
+
+
+def config() -> str:
+    """The effective limits and where each came from (keyword, environment, default), as
+    ``runguard config`` prints them: the active ``autolog()`` configuration, else what
+    the environment would give."""
+    from ._bootstrap import describe
+
+    with RUNTIME.lock:
+        settings = RUNTIME.settings if RUNTIME.enabled else resolve({})
+    return describe(settings)

@@ -1,4 +1,4 @@
-"""The ``runguard`` command: ``runguard demo``."""
+"""The ``runguard`` command: ``demo``, ``run``, ``config``, ``bootstrap-path``, ``version``."""
 
 from __future__ import annotations
 
@@ -7,17 +7,43 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":  # everything after "run" is the command, untouched
+        from ._bootstrap import run
+
+        return run(argv[1:])
     parser = argparse.ArgumentParser(prog="runguard", description="runguard-autolog: a circuit breaker beside mlflow.autolog()")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run a looping agent offline and watch the breaker stop it")
     demo.add_argument("--dir", help="where to keep the sqlite tracking store (default: a new temp dir)")
     demo.add_argument("--max-calls", type=int, default=25, help="the call ceiling for the demo (default 25)")
+    commands.add_parser("run", help="run a command with the breaker on in every Python process it starts "
+                                    "(as runguard-run)")
+    commands.add_parser("config", help="print the effective limits and where each came from")
+    commands.add_parser("bootstrap-path", help="print the directory to put first on PYTHONPATH "
+                                               "(with RUNGUARD_AUTOLOG=1) to enable the breaker without code")
     commands.add_parser("version", help="print the version")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
 
         run_demo(args.dir, max_calls=args.max_calls)
+        return 0
+    if args.command == "config":
+        from ._bootstrap import BAD_CONFIG_EXIT, describe
+        from ._config import resolve
+        from ._errors import RunGuardConfigError
+
+        try:
+            print(describe(resolve({})))
+        except RunGuardConfigError as error:
+            print(error, file=sys.stderr)
+            return BAD_CONFIG_EXIT
+        return 0
+    if args.command == "bootstrap-path":
+        from ._bootstrap import bootstrap_dir
+
+        print(bootstrap_dir())
         return 0
     if args.command == "version":
         from . import __version__
