@@ -92,8 +92,12 @@ def sync_attempt(reader: Reader, current: Callable[[], "Call | None"] | None = N
             response = wrapped(*args, **kwargs)
         finally:
             call.seconds += _perf() - started
-        if getattr(response, status_of) < 400:
-            call.retry_due = False
+        try:
+            if getattr(response, status_of) < 400:
+                call.retry_due = False
+                return response
+        except Exception as error:  # not a response we know: degrade, uncounted verdict
+            internal_error("reading an attempt's status", error)
             return response
         response, trip = judge(call, reader, response)
         if trip is not None:
@@ -124,8 +128,12 @@ def async_attempt(reader: Reader):
             response = await wrapped(*args, **kwargs)
         finally:
             call.seconds += _perf() - started
-        if getattr(response, status_of) < 400:
-            call.retry_due = False
+        try:
+            if getattr(response, status_of) < 400:
+                call.retry_due = False
+                return response
+        except Exception as error:  # not a response we know: degrade, uncounted verdict
+            internal_error("reading an attempt's status", error)
             return response
         response, trip = judge(call, reader, response)
         if trip is not None:
@@ -141,8 +149,12 @@ def async_attempt(reader: Reader):
 
 def before_retry(call: Call) -> None:
     """Admit one more attempt of ``call`` (raises ``RunGuardTripped`` when refused)."""
-    refusal = RUNTIME.store.retry(call, call.seconds)
-    call.seconds = 0.0  # charged
+    try:
+        refusal = RUNTIME.store.retry(call, call.seconds)
+        call.seconds = 0.0  # charged
+    except Exception as error:
+        internal_error("admitting a retry", error)
+        return
     if refusal is not None:
         stop(call, refusal.scope, refusal.trip, refusal.new)
 
