@@ -25,6 +25,7 @@ from typing import Any, Callable
 from . import _patching
 from ._config import env_flag, resolve
 from ._errors import RunGuardConfigError, RunGuardTripped
+from ._evaluation import guarded_evaluate
 from ._recording import flush
 from ._runtime import RUNTIME, logger
 from ._scopes import Snapshot, current, reset, session
@@ -35,6 +36,7 @@ __all__ = [
     "session",
     "current",
     "reset",
+    "guarded_evaluate",
     "flush",
     "register_encoding",
     "config",

@@ -29,6 +29,7 @@ INTEGRATIONS = {
     "runguard_autolog.integrations.mlflow_runs": "mlflow",
     "runguard_autolog.integrations.langchain": "langchain_core",
     "runguard_autolog.integrations.mlflow_deployments": "mlflow.deployments",
+    "runguard_autolog.integrations.mlflow_evaluation": "mlflow",
 }
 
 
@@ -39,11 +40,12 @@ class PatchSpec:
     endpoint: Any = None
     is_async: bool = False
     wrapper: Callable[..., Any] | None = None  # for non-LLM patches (MLflow run lifecycle)
+    lazy: bool = False  # patch when its module is first imported, rather than importing it
 
 
 _installed: dict[tuple[str, str], Any] = {}
 _dormant: dict[tuple[str, str], Any] = {}
-_hooked: set[str] = set()
+_hooked: set[str] = set()  # integrations whose root module has a post-import hook
 _lock = threading.RLock()
 
 
@@ -64,10 +66,16 @@ def _resolve(spec: PatchSpec):
     return module, owner, name
 
 
+_lazy_hooked: set[str] = set()  # modules of lazy patches that have a post-import hook
+
+
 def install_spec(spec: PatchSpec) -> None:
     key = (spec.module, spec.attribute)
     with _lock:
         if key in _installed:
+            return
+        if spec.lazy and spec.module not in sys.modules:
+            _install_on_import(spec)
             return
         try:
             module, owner, name = _resolve(spec)
@@ -79,6 +87,36 @@ def install_spec(spec: PatchSpec) -> None:
             _installed[key] = dormant
             return
         _installed[key] = wrapt.wrap_function_wrapper(module, spec.attribute, _wrapper_for(spec))
+
+
+def _install_on_import(spec: PatchSpec) -> None:
+    """A module most programs never import (an evaluation's judge transport, say) is patched
+    when it is imported, instead of being imported here."""
+    if spec.module in _lazy_hooked:
+        return
+    _lazy_hooked.add(spec.module)
+    specs = [other for other in _lazy_specs() if other.module == spec.module]
+
+    def on_import(_module: Any) -> None:
+        try:
+            if RUNTIME.enabled:
+                for each in specs:
+                    install_spec(each)
+        except Exception as error:  # never break the user's import
+            try:
+                internal_error(f"post-import hook for {spec.module}", error)
+            except Exception:
+                pass
+
+    wrapt.register_post_import_hook(on_import, spec.module)
+
+
+def _lazy_specs() -> list[PatchSpec]:
+    specs = []
+    for integration in INTEGRATIONS:
+        module = sys.modules.get(integration)
+        specs.extend(spec for spec in getattr(module, "PATCHES", ()) if spec.lazy)
+    return specs
 
 
 def uninstall_spec(spec: PatchSpec) -> None:
@@ -141,8 +179,8 @@ def install_all() -> None:
     """Patch every SDK already imported and hook the ones imported later."""
     with _lock:
         for integration, root in INTEGRATIONS.items():
-            if root not in _hooked:
-                _hooked.add(root)
+            if integration not in _hooked:
+                _hooked.add(integration)
                 wrapt.register_post_import_hook(_on_import_factory(integration), root)
             elif root in sys.modules:
                 install_integration(integration)

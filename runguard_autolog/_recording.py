@@ -117,6 +117,11 @@ def _write_run(run_id: str, uri: str, metrics: dict[str, float], tags: dict[str,
     )
 
 
+def write_tags(run_id: str, uri: str, tags: dict[str, object]) -> None:
+    """Tag a run in the background (never on a decision path)."""
+    _WORKER.submit(lambda: _write_run(run_id, uri, {}, tags))
+
+
 # -- trips ----------------------------------------------------------------------------------
 def tripped(trip, scope=None) -> None:
     """A scope's circuit just opened: one log line and the run's tags/metrics (in the background)."""

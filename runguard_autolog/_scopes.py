@@ -125,9 +125,22 @@ def drop_run(run_id: str) -> Scope | None:
         return _RUNS.pop(run_id, None)
 
 
+# The session chain of the evaluation in progress (see _evaluation). MLflow scores rows in its
+# own threads, which inherit no context: a call from a thread with no session of its own
+# counts toward the evaluation. One evaluation at a time per process (see README).
+EVALUATING: tuple = ()
+
+
+def set_evaluating(chain: tuple) -> tuple:
+    """Publish ``chain`` as the evaluation in progress; returns the previous one to restore."""
+    global EVALUATING
+    previous, EVALUATING = EVALUATING, chain
+    return previous
+
+
 def open_scopes(run: Any = _UNKNOWN) -> list[Scope]:
     """Scopes charged by a call here, outermost first; the last is the innermost unit of work."""
-    scopes = [PROCESS, *_SESSIONS.get()]
+    scopes = [PROCESS, *(_SESSIONS.get() or EVALUATING)]
     if run is _UNKNOWN:
         run = _active_run()
     if run is not None:
@@ -156,7 +169,7 @@ def current_charges() -> tuple[Any, dict[str, Any]]:
     if RUNS_SEEN:  # _active_run(), inlined
         fluent = sys.modules.get("mlflow.tracking.fluent")
         run = None if fluent is None else fluent.active_run()
-    if run is None and not _SESSIONS.get():
+    if run is None and not _SESSIONS.get() and not EVALUATING:
         cached = _process_only
         if cached[0] != RUNTIME.version:
             limits, checks = PROCESS.effective()

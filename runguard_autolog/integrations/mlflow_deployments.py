@@ -195,16 +195,20 @@ class Urllib3Reader(Reader):
         response.close()
 
 
-def _deployment_call():
+def _requests_based_call():
     call = IN_SYNC_CALL.call
     return call if call is not None and getattr(call.endpoint, "http_via_urllib3", False) else None
 
+
+# every urllib3 attempt of a guarded call whose endpoint posts through ``requests``; shared
+# with the evaluation judges (installing a spec twice is a no-op)
+URLLIB3_ATTEMPTS = PatchSpec("urllib3.connectionpool", "HTTPConnectionPool._make_request",
+                             wrapper=sync_attempt(Urllib3Reader(), _requests_based_call))
 
 PATCHES = (
     PatchSpec("mlflow.deployments.mlflow", "MlflowDeploymentClient.predict", wrapper=_predict),
     PatchSpec("mlflow.deployments.databricks", "DatabricksDeploymentClient.predict", wrapper=_predict),
     PatchSpec("mlflow.deployments.databricks", "DatabricksDeploymentClient.predict_stream", wrapper=_predict_stream),
     PatchSpec("mlflow.deployments.openai", "OpenAIDeploymentClient.predict", wrapper=_predict),
-    PatchSpec("urllib3.connectionpool", "HTTPConnectionPool._make_request",
-              wrapper=sync_attempt(Urllib3Reader(), _deployment_call)),
+    URLLIB3_ATTEMPTS,
 )
