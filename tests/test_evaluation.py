@@ -180,14 +180,16 @@ def test_autolog_prechecks_a_direct_legacy_evaluate(server):
     assert server.count("/chat/completions") == 3 * 10 + 3
 
 
-def test_autolog_judge_calls_count_and_are_refused_past_the_eval_budget(server, monkeypatch):
-    """A judge that always gets 429s: MLflow's own loop would try 11 times per call."""
-    monkeypatch.setenv("MLFLOW_GENAI_EVAL_MAX_RETRIES", "0")
+def test_judge_429s_trip_and_stop_mlflows_retry_loops(server, caplog):
+    """A judge that always gets 429s: MLflow's adapter would try 11 times per call, and its
+    harness would retry the scorer 3 more times (44 requests, minutes of backoff)."""
     runguard.autolog(max_consecutive_429s=3)
     server.default = Reply(status=429, headers={"retry-after": "0"})
-    result = runguard.guarded_evaluate(None, genai_rows(1), genai_judges()[:1])
-    assert server.count() == 3  # the run of 429s tripped; MLflow's retry loop stopped there
+    with caplog.at_level("INFO", logger="mlflow.genai.evaluation.rate_limiter"):
+        result = runguard.guarded_evaluate(None, genai_rows(1), genai_judges()[:1])
+    assert server.count() == 3  # the run of 429s tripped; the adapter's retry loop stopped there
     assert len(result.result_df) == 1
+    assert not [r for r in caplog.records if "Rate-limited" in r.getMessage()]  # no harness retries
 
 
 # -- datasets --------------------------------------------------------------------------------------
@@ -201,3 +203,32 @@ def test_data_without_a_length_is_a_clear_error(server):
     with pytest.raises(runguard.RunGuardConfigError, match="cannot count the rows"):
         runguard.guarded_evaluate(None, (row for row in genai_rows(3)), genai_judges())
     assert server.count() == 0
+
+
+def test_genai_evaluation_dataset_is_counted_and_sampled(server):
+    from mlflow.genai.datasets import create_dataset
+
+    experiment = mlflow.get_experiment_by_name("runguard-eval")
+    dataset = create_dataset(name="qa", experiment_id=[experiment.experiment_id])
+    dataset.merge_records(genai_rows(30))
+    result = runguard.guarded_evaluate(None, dataset, genai_judges(), max_eval_llm_calls=60)
+    assert len(result.result_df) == 10
+    assert server.count("/chat/completions") == 30
+    assert tags_of(result.run_id)["runguard.eval_rows"] == "30"
+
+
+def test_traces_as_data_count_only_llm_judges(server):
+    """Traces of an earlier run are evaluated as data (a DataFrame from mlflow.search_traces)."""
+
+    @mlflow.trace
+    def agent(question: str) -> str:
+        return f"answer to {question}"
+
+    for i in range(12):
+        agent(f"question {i}")
+    mlflow.flush_trace_async_logging()
+    traces = mlflow.search_traces()
+    assert len(traces) == 12
+    result = runguard.guarded_evaluate(None, traces, [genai_judges()[1], has_text])
+    assert len(result.result_df) == 12
+    assert server.count("/chat/completions") == 12  # one LLM judge per trace; the code scorer costs nothing

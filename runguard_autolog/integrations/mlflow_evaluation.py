@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import tokens
+from .._errors import RunGuardTripped
 from .._evaluation import guard_genai_evaluate, guard_legacy_evaluate
 from .._guard import make_sync_guard
 from .._patching import PatchSpec
@@ -66,6 +67,16 @@ def _judge_guard(endpoint: JudgeEndpoint, names: tuple[str, ...]):
     return judge_request
 
 
+def _trip_is_not_a_rate_limit(wrapped, instance, args, kwargs):
+    """MLflow's evaluation harness retries a scorer whose error looks like a rate limit (it
+    matches "429" in the message, which a ``max_consecutive_429s`` trip carries), sleeping
+    1 + 2 + 4 s first. A refusal does not pass by waiting."""
+    error = args[0] if args else kwargs.get("exc")
+    if isinstance(error, RunGuardTripped):
+        return False
+    return wrapped(*args, **kwargs)
+
+
 _GENAI_EVALUATE = ("mlflow.genai", "mlflow.genai.evaluation", "mlflow.genai.evaluation.base")
 _LEGACY_EVALUATE = ("mlflow", "mlflow.models", "mlflow.models.evaluation", "mlflow.models.evaluation.base")
 
@@ -76,5 +87,7 @@ PATCHES = (
               wrapper=_judge_guard(GENAI_JUDGE, ("endpoint", "headers", "payload", "num_retries"))),
     PatchSpec("mlflow.metrics.genai.model_utils", "_send_request", lazy=True,
               wrapper=_judge_guard(LEGACY_JUDGE, ("endpoint", "headers", "payload"))),
+    PatchSpec("mlflow.genai.evaluation.rate_limiter", "is_rate_limit_error", lazy=True,
+              wrapper=_trip_is_not_a_rate_limit),
     URLLIB3_ATTEMPTS,
 )
