@@ -307,33 +307,27 @@ def _autolog_budget() -> float:
     return RUNTIME.settings[LIMIT].value
 
 
-def guard_genai_evaluate(wrapped, instance, args, kwargs):
-    """``mlflow.genai.evaluate(data, scorers, predict_fn=None, ...)`` under ``autolog()``."""
-    if not RUNTIME.enabled or _ACTIVE.get():
-        return wrapped(*args, **kwargs)
-    named = dict(zip(("data", "scorers", "predict_fn"), args))
-    named.update(kwargs)
-    data = named.pop("data", None)
+def _precheck(positional: tuple[str, ...], metrics_key: str, model_key: str):
+    """A wrapper giving a direct evaluate call the pre-check, with ``autolog()``'s budget."""
 
-    def call(function, rows):
-        return function(data=rows, **named)
+    def guard(wrapped, instance, args, kwargs):
+        if not RUNTIME.enabled or _ACTIVE.get():
+            return wrapped(*args, **kwargs)
+        named = dict(zip(positional, args))
+        named.update(kwargs)
+        data = named.pop("data", None)
 
-    with _evaluating():
-        return run_guarded(wrapped, data=data, metrics=list(named.get("scorers") or ()),
-                           has_model=named.get("predict_fn") is not None, call=call, budget=_autolog_budget())
+        def call(function, rows):
+            return function(data=rows, **named)
+
+        with _evaluating():
+            return run_guarded(wrapped, data=data, metrics=list(named.get(metrics_key) or ()),
+                               has_model=named.get(model_key) is not None, call=call, budget=_autolog_budget())
+
+    return guard
 
 
-def guard_legacy_evaluate(wrapped, instance, args, kwargs):
-    """``mlflow.evaluate(model=None, data=None, *, extra_metrics=..., ...)`` under ``autolog()``."""
-    if not RUNTIME.enabled or _ACTIVE.get():
-        return wrapped(*args, **kwargs)
-    named = dict(zip(("model", "data"), args))
-    named.update(kwargs)
-    data = named.pop("data", None)
-
-    def call(function, rows):
-        return function(data=rows, **named)
-
-    with _evaluating():
-        return run_guarded(wrapped, data=data, metrics=list(named.get("extra_metrics") or ()),
-                           has_model=named.get("model") is not None, call=call, budget=_autolog_budget())
+# mlflow.genai.evaluate(data, scorers, predict_fn=None, ...)
+guard_genai_evaluate = _precheck(("data", "scorers", "predict_fn"), "scorers", "predict_fn")
+# mlflow.evaluate(model=None, data=None, *, extra_metrics=None, ...)
+guard_legacy_evaluate = _precheck(("model", "data"), "extra_metrics", "model")

@@ -17,6 +17,7 @@ import importlib
 import sys
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import wrapt
@@ -97,18 +98,11 @@ def _install_on_import(spec: PatchSpec) -> None:
     _lazy_hooked.add(spec.module)
     specs = [other for other in _lazy_specs() if other.module == spec.module]
 
-    def on_import(_module: Any) -> None:
-        try:
-            if RUNTIME.enabled:
-                for each in specs:
-                    install_spec(each)
-        except Exception as error:  # never break the user's import
-            try:
-                internal_error(f"post-import hook for {spec.module}", error)
-            except Exception:
-                pass
+    def install() -> None:
+        for each in specs:
+            install_spec(each)
 
-    wrapt.register_post_import_hook(on_import, spec.module)
+    wrapt.register_post_import_hook(_on_import(spec.module, install), spec.module)
 
 
 def _lazy_specs() -> list[PatchSpec]:
@@ -161,14 +155,16 @@ def install_integration(integration: str) -> None:
             internal_error(f"setting up {integration}", error)
 
 
-def _on_import_factory(integration: str):
+def _on_import(name: str, install: Callable[[], None]):
+    """A post-import hook that installs patches if the breaker is on, and never raises."""
+
     def on_import(_module: Any) -> None:
         try:
             if RUNTIME.enabled:
-                install_integration(integration)
+                install()
         except Exception as error:  # never break the user's import
             try:
-                internal_error(f"post-import hook for {integration}", error)
+                internal_error(f"post-import hook for {name}", error)
             except Exception:
                 pass
 
@@ -181,7 +177,7 @@ def install_all() -> None:
         for integration, root in INTEGRATIONS.items():
             if integration not in _hooked:
                 _hooked.add(integration)
-                wrapt.register_post_import_hook(_on_import_factory(integration), root)
+                wrapt.register_post_import_hook(_on_import(integration, partial(install_integration, integration)), root)
             elif root in sys.modules:
                 install_integration(integration)
 
