@@ -65,6 +65,7 @@ def autolog(
     loop_identical_requests: int | float | str | None = None,
     max_context_fraction: float | str | None = None,
     on_trip: str | Callable[[RunGuardTripped], Any] | None = None,
+    artifact_breach: str | None = None,
 ) -> None:
     """Enable (or with ``disable=True`` remove) the breaker on every supported SDK.
 
@@ -73,6 +74,9 @@ def autolog(
     :class:`RunGuardConfigError` naming the keyword or variable. Calling it again
     replaces the configuration (it never double-patches or double-counts).
     ``RUNGUARD_DISABLE=1`` is a kill switch: autolog() then leaves every SDK unpatched.
+    ``artifact_breach`` (``RUNGUARD_ARTIFACT_BREACH``): past the artifact budget, outputs are
+    consolidated (``"consolidate"``, the default) or consolidated and ``RunGuardTripped``
+    raised (``"raise"``).
     """
     keywords = {name: value for name, value in locals().items() if name != "disable"}
     with RUNTIME.lock:

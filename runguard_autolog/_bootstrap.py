@@ -91,7 +91,7 @@ def describe(settings: Mapping[str, Setting], environ: Mapping[str, str] | None 
     """The effective limits and where each came from, as a table."""
     environ = os.environ if environ is None else environ
     rows = [("limit", "value", "source")]
-    for name in [*LIMITS, "on_trip"]:
+    for name in [*LIMITS, "on_trip", "artifact_breach"]:
         setting = settings[name]
         value = setting.value
         if value == float("inf"):

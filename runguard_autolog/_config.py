@@ -36,6 +36,7 @@ LIMITS: dict[str, tuple[str, float]] = {
     "max_context_fraction": ("fraction", 0.95),
 }
 ON_TRIP_CHOICES = ("raise", "warn")
+ARTIFACT_BREACH_CHOICES = ("consolidate", "raise")  # past the artifact budget: spool only, or also raise
 _OFF_WORDS = ("none", "off")
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("", "0", "false", "no", "off")
@@ -109,6 +110,12 @@ def parse_on_trip(value: Any, where: str = "on_trip") -> "str | Callable[..., An
     raise _bad(where, value, "use 'raise', 'warn' or a callable")
 
 
+def parse_artifact_breach(value: Any, where: str = "artifact_breach") -> str:
+    if isinstance(value, str) and value.strip().lower() in ARTIFACT_BREACH_CHOICES:
+        return value.strip().lower()
+    raise _bad(where, value, "use 'consolidate' or 'raise'")
+
+
 def env_flag(variable: str, environ: Mapping[str, str] | None = None) -> bool:
     raw = (os.environ if environ is None else environ).get(variable)
     if raw is None:
@@ -145,6 +152,13 @@ def resolve(keywords: Mapping[str, Any], environ: Mapping[str, str] | None = Non
         settings["on_trip"] = Setting(parse_on_trip(environ["RUNGUARD_ON_TRIP"], "RUNGUARD_ON_TRIP"), "environment")
     else:
         settings["on_trip"] = Setting("raise", "default")
+    if keywords.get("artifact_breach") is not None:
+        settings["artifact_breach"] = Setting(parse_artifact_breach(keywords["artifact_breach"]), "keyword")
+    elif "RUNGUARD_ARTIFACT_BREACH" in environ:
+        settings["artifact_breach"] = Setting(
+            parse_artifact_breach(environ["RUNGUARD_ARTIFACT_BREACH"], "RUNGUARD_ARTIFACT_BREACH"), "environment")
+    else:
+        settings["artifact_breach"] = Setting("consolidate", "default")
     return settings
 
 

@@ -31,6 +31,7 @@ INTEGRATIONS = {
     "runguard_autolog.integrations.langchain": "langchain_core",
     "runguard_autolog.integrations.mlflow_deployments": "mlflow.deployments",
     "runguard_autolog.integrations.mlflow_evaluation": "mlflow",
+    "runguard_autolog.integrations.mlflow_artifacts": "mlflow",
 }
 
 

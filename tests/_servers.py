@@ -153,10 +153,14 @@ def start_gateway(config: str, workdir: Path) -> tuple[ServerProcess, int]:
     return ServerProcess(command, f"http://127.0.0.1:{port}/health", workdir / "gateway.log", env), port
 
 
-def start_tracking_server(workdir: Path) -> tuple[ServerProcess, int]:
-    """A real ``mlflow server`` with a sqlite store and local artifacts."""
+def start_tracking_server(workdir: Path, serve_artifacts: bool = False) -> tuple[ServerProcess, int]:
+    """A real ``mlflow server`` with a sqlite store; artifacts in a local folder the client
+    writes to, or (``serve_artifacts``) proxied through the server (``mlflow-artifacts:/``)."""
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", f"sqlite:///{workdir}/server.db",
-               "--default-artifact-root", str(workdir / "artifacts"), "--workers", "1"]
+               "--backend-store-uri", f"sqlite:///{workdir}/server.db", "--workers", "1"]
+    if serve_artifacts:
+        command += ["--serve-artifacts", "--artifacts-destination", str(workdir / "served-artifacts")]
+    else:
+        command += ["--default-artifact-root", str(workdir / "artifacts")]
     return ServerProcess(command, f"http://127.0.0.1:{port}/health", workdir / "server.log", _env()), port

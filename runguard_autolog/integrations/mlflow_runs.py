@@ -9,7 +9,7 @@ passes exactly one wrapper. ``mlflow.tracing.configure`` is patched so a user's 
 
 from __future__ import annotations
 
-from .. import _recording
+from .. import _artifacts, _recording
 from .._patching import PatchSpec
 from .._runtime import RUNTIME, internal_error
 from .._scopes import drop_run, note_run_started, note_runs_seen
@@ -37,6 +37,7 @@ def _end_run(wrapped, instance, args, kwargs):
             run = active_run()
             if run is not None:
                 run_id = run.info.run_id
+                _artifacts.flush_run(run_id)  # the outputs spooled past the artifact budget
                 _recording.flush(timeout=5.0)
                 scope = drop_run(run_id)
                 try:

@@ -1,0 +1,17 @@
+"""MLflow artifact writes: where ``mlflow.log_text``/``log_dict``/``log_table``/``log_image``/
+``log_artifact``/``log_artifacts`` and their ``MlflowClient`` methods meet (see
+``_artifacts``). The consolidated artifacts are written when the run ends, from the
+``end_run`` patch in ``mlflow_runs``."""
+
+from __future__ import annotations
+
+from .._artifacts import guard_log_artifact, guard_log_artifacts
+from .._patching import PatchSpec
+
+NAME = "mlflow_artifacts"
+TARGET_MODULE = "mlflow"
+
+PATCHES = (
+    PatchSpec("mlflow.tracking.client", "MlflowClient.log_artifact", wrapper=guard_log_artifact),
+    PatchSpec("mlflow.tracking.client", "MlflowClient.log_artifacts", wrapper=guard_log_artifacts),
+)
