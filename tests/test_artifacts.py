@@ -75,11 +75,12 @@ def test_served_artifacts_on_a_real_mlflow_server(tmp_path, monkeypatch):
     try:
         mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
         mlflow.set_experiment("served")
-        runguard.autolog(max_artifact_writes=5)
+        runguard.autolog()
         with mlflow.start_run() as run:
-            texts = storm(30)
+            texts = storm(100)
         assert mlflow.get_run(run.info.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
-        assert len(listed(run.info.run_id, "tools")) == 5
+        assert len(listed(run.info.run_id, "tools")) == 20
+        assert listed(run.info.run_id, "runguard") == ["runguard/consolidated_final.json"]
         assert_every_text_kept(run.info.run_id, tmp_path, texts)
     finally:
         mlflow.set_tracking_uri(None)
