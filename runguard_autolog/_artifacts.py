@@ -36,6 +36,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _recording
 from ._errors import RunGuardTripped
 from ._runtime import RUNTIME, internal_error, log_once, logger
 
@@ -223,10 +224,16 @@ def _client():
     return MlflowClient()
 
 
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
 def _record_trip(run_id: str, reason: str) -> None:
     logger.warning("runguard: run %s: %s", run_id, reason)
     try:
-        _client().set_tag(run_id, TAG_TRIPPED, reason)
+        _recording.write_run(run_id, _tracking_uri(), {}, {TAG_TRIPPED: reason})
     except Exception as error:
         log_once(("artifact-tag", type(error).__name__), "runguard: could not tag run %s (%s)", run_id, error)
 
@@ -248,12 +255,8 @@ def flush_run(run_id: str, when: str = "final") -> None:
             client = _client()
             for path in paths:
                 client.log_artifact(run_id, path, FOLDER)
-            from mlflow.entities import Metric
-            import time
-
-            stamp = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(METRIC_AVOIDED, float(ledger.avoided), stamp, 0),
-                                              Metric(METRIC_BYTES, float(ledger.consolidated_bytes), stamp, 0)])
+            _recording.write_run(run_id, _tracking_uri(), {METRIC_AVOIDED: ledger.avoided,
+                                                            METRIC_BYTES: ledger.consolidated_bytes}, {})
         finally:
             _WRITING.reset(token)
     except Exception as error:

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from . import _recording
 from ._errors import RunGuardConfigError, RunGuardTripped
 from ._runtime import RUNTIME, log_once, logger
 from ._scopes import _SESSIONS, session, set_evaluating
@@ -169,11 +170,10 @@ def _tag(run_id: str, tags: dict) -> None:
     """Before or after the evaluation, in the caller's thread (not a decision path). NB: not in
     runguard's background writer: MLflow's evaluate registers import hooks under its own lock
     while that thread may be importing, and the two locks can deadlock."""
-    from mlflow.entities import RunTag
-    from mlflow.tracking import MlflowClient
+    import mlflow
 
     try:
-        MlflowClient().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+        _recording.write_run(run_id, mlflow.get_tracking_uri(), {}, tags)
     except Exception as error:
         log_once(("eval-tags", type(error).__name__), "runguard: could not tag the evaluation run (%s)", error)
 

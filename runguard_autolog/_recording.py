@@ -105,7 +105,8 @@ def _active_run_info():
     return run.info.run_id, run.info.experiment_id, mlflow.get_tracking_uri()
 
 
-def _write_run(run_id: str, uri: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+def write_run(run_id: str, uri: str, metrics: dict[str, float], tags: dict[str, object]) -> None:
+    """Metrics and tags in one batch, in the calling thread (trips hand it to the worker)."""
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -115,11 +116,6 @@ def _write_run(run_id: str, uri: str, metrics: dict[str, float], tags: dict[str,
         metrics=[Metric(key, float(value), stamp, 0) for key, value in metrics.items()],
         tags=[RunTag(key, str(value)[:5000]) for key, value in tags.items()],
     )
-
-
-def write_tags(run_id: str, uri: str, tags: dict[str, object]) -> None:
-    """Tag a run in the background (never on a decision path)."""
-    _WORKER.submit(lambda: _write_run(run_id, uri, {}, tags))
 
 
 # -- trips ----------------------------------------------------------------------------------
@@ -141,7 +137,7 @@ def tripped(trip, scope=None) -> None:
             metrics[METRIC_GATEWAY_REQUESTS] = used[REQUESTS]
             metrics[METRIC_CONSECUTIVE_429S] = trip.consecutive_429s
         tags = {TAG_TRIPPED: trip.reason, TAG_TRIP_LIMIT: trip.limit, TAG_TRIP_SCOPE: trip.scope}
-        _WORKER.submit(lambda: _write_run(run_id, uri, metrics, tags))
+        _WORKER.submit(lambda: write_run(run_id, uri, metrics, tags))
     except Exception as error:
         log_once(("record-trip", type(error).__name__), "runguard: could not record a trip (%s)", error)
 
@@ -266,7 +262,7 @@ def write_run_summary(run_id: str, scope) -> None:
 
     used = scope.used if scope is not None else (0,) * 6
     metrics = {name: used[index] for name, index in SUMMARY_METRICS}
-    _write_run(run_id, mlflow.get_tracking_uri(), metrics, {})
+    write_run(run_id, mlflow.get_tracking_uri(), metrics, {})
 
 
 __all__ = ["flush", "tripped", "refused", "span_processor"]

@@ -113,7 +113,7 @@ def test_tracking_failures_never_replace_the_trip(client, server, tracking, capl
     def fail(*args, **kwargs):
         raise ConnectionError("tracking server down")
 
-    monkeypatch.setattr(_recording, "_write_run", fail)
+    monkeypatch.setattr(_recording, "write_run", fail)
     monkeypatch.setattr(mlflow, "get_current_active_span", fail)
     runguard.autolog(max_calls=1)
     with mlflow.start_run():
