@@ -34,7 +34,6 @@ import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import _recording
 from ._errors import RunGuardTripped

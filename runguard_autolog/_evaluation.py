@@ -19,6 +19,7 @@ mid-way still returns what was scored and says how many rows were not.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import random
 import sys
@@ -274,7 +275,7 @@ def _uses_scorers(metrics: list, evaluate_kwargs: dict) -> bool:
 
 
 # -- autolog: a direct mlflow.evaluate / mlflow.genai.evaluate gets the same pre-check -----
-_ACTIVE = __import__("contextvars").ContextVar("runguard_evaluating", default=False)
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("runguard_evaluating", default=False)
 
 
 @contextlib.contextmanager

@@ -245,7 +245,7 @@ class MemoryStore:
     def retry(self, reservation, seconds):
         with self._lock:
             charges = reservation.charges
-            for scope, checks in charges:
+            for scope, _ in charges:
                 scope.used[SECONDS] += seconds
             refusal = None
             for scope, checks in charges:
@@ -267,7 +267,7 @@ class MemoryStore:
                     refusal = Refusal(scope, scope.tripped, True, False)
                 if refusal is not None:
                     return refusal
-            for scope, checks in charges:
+            for scope, _ in charges:
                 scope.used[REQUESTS] += 1
             return None
 
