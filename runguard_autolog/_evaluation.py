@@ -179,10 +179,10 @@ def _tag(run_id: str, tags: dict) -> None:
         log_once(("eval-tags", type(error).__name__), "runguard: could not tag the evaluation run (%s)", error)
 
 
-def run_guarded(evaluate, *, data: Any, metrics: list, has_model: bool, call, budget: float,
+def run_guarded(evaluate_rows, *, data: Any, metrics: list, has_model: bool, budget: float,
                 agent_calls_per_row_estimate: int = 5, judge_max_retries: int = 1,
                 sample_if_over_budget: bool = True, min_rows: int = 10) -> Any:
-    """Plan, sample or refuse, then ``call(evaluate, data)`` inside the evaluation's scope."""
+    """Plan, sample or refuse, then ``evaluate_rows(data)`` inside the evaluation's scope."""
     rows = count_rows(data)
     the_plan = plan(rows, metrics, has_model=has_model, budget=budget,
                     agent_calls_per_row_estimate=agent_calls_per_row_estimate,
@@ -203,7 +203,7 @@ def run_guarded(evaluate, *, data: Any, metrics: list, has_model: bool, call, bu
     with evaluation_run() as run:
         _tag(run.info.run_id, tags)
         with evaluation_scope(budget) as scope:
-            result = call(evaluate, data)
+            result = evaluate_rows(data)
             tripped = scope.snapshot().tripped
         if tripped is not None:
             unscored = unscored_rows(result)
@@ -240,21 +240,19 @@ def guarded_evaluate(model, data, extra_metrics, *, max_eval_llm_calls: float = 
         from mlflow.genai.evaluation import base as genai_base
 
         metrics += list(evaluate_kwargs.pop("scorers", None) or ())
-        evaluate = genai_base.evaluate
+        model = evaluate_kwargs.pop("predict_fn", model)
 
-        def call(function, rows):
-            return function(data=rows, scorers=metrics, predict_fn=model, **evaluate_kwargs)
+        def evaluate_rows(rows):
+            return genai_base.evaluate(data=rows, scorers=metrics, predict_fn=model, **evaluate_kwargs)
     else:
         from mlflow.models.evaluation import base
 
-        evaluate = base.evaluate
-
-        def call(function, rows):
-            return function(model=model, data=rows, extra_metrics=metrics, **evaluate_kwargs)
+        def evaluate_rows(rows):
+            return base.evaluate(model=model, data=rows, extra_metrics=metrics, **evaluate_kwargs)
 
     with _evaluating(), _breaker_on():
-        return run_guarded(evaluate, data=data, metrics=metrics, has_model=model is not None, call=call,
-                           budget=budget, agent_calls_per_row_estimate=agent_calls_per_row_estimate,
+        return run_guarded(evaluate_rows, data=data, metrics=metrics, has_model=model is not None, budget=budget,
+                           agent_calls_per_row_estimate=agent_calls_per_row_estimate,
                            judge_max_retries=judge_max_retries, sample_if_over_budget=sample_if_over_budget,
                            min_rows=min_rows)
 
@@ -317,13 +315,10 @@ def _precheck(positional: tuple[str, ...], metrics_key: str, model_key: str):
         named = dict(zip(positional, args))
         named.update(kwargs)
         data = named.pop("data", None)
-
-        def call(function, rows):
-            return function(data=rows, **named)
-
         with _evaluating():
-            return run_guarded(wrapped, data=data, metrics=list(named.get(metrics_key) or ()),
-                               has_model=named.get(model_key) is not None, call=call, budget=_autolog_budget())
+            return run_guarded(lambda rows: wrapped(data=rows, **named), data=data,
+                               metrics=list(named.get(metrics_key) or ()),
+                               has_model=named.get(model_key) is not None, budget=_autolog_budget())
 
     return guard
 
