@@ -6,7 +6,8 @@ thousands of objects per run (each a PUT on S3/GCS, each an object to LIST later
 ``mlflow.log_text``, ``log_dict``, ``log_table``, ``log_image``, ``log_artifact``,
 ``log_artifacts`` and their ``MlflowClient`` methods all meet in
 ``MlflowClient.log_artifact`` / ``log_artifacts`` (the text-like ones write a temp file
-and log it), so those two are patched: each file is one write.
+and log it), so those two are patched: each file is one write. A directory (how MLflow
+logs a model into a run) counts, but is always written as it is: its layout matters.
 
 Within the budget (``max_artifact_writes``, ``max_artifact_bytes``) a file is written as
 usual. Past it, the file is copied into the run's spool directory on local disk (memory
@@ -126,6 +127,17 @@ def _admit(run_id: str, files: list[tuple[str, str]]) -> tuple[list, list, _Ledg
     return written, spooled, ledger, reason
 
 
+def _count(run_id: str, files: list[tuple[str, str]]) -> None:
+    sizes = sum(os.path.getsize(path) for path, _ in files)
+    with _lock:
+        ledger = _ledgers.get(run_id)
+        if ledger is None:
+            ledger = _ledgers[run_id] = _Ledger(run_id)
+        ledger.writes += len(files)
+        ledger.bytes += sizes
+        ledger.order += len(files)
+
+
 def _fmt(value: float) -> str:
     return "none" if value == float("inf") else str(int(value))
 
@@ -180,6 +192,9 @@ def _guard(wrapped, instance, args, kwargs):
         run_id = named["run_id"]
         local_path = named.get("local_path", named.get("local_dir"))
         files = _files(local_path, named.get("artifact_path"))
+        if os.path.isdir(local_path):  # a directory keeps its layout (it may be a model): counted, written
+            _count(run_id, files)
+            return _through(wrapped, args, kwargs)
         written, spooled, ledger, reason = _admit(run_id, files)
     except Exception as error:
         internal_error("artifact budget", error)

@@ -223,3 +223,18 @@ def test_bad_artifact_breach_value_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("RUNGUARD_ARTIFACT_BREACH", "sometimes")
     with pytest.raises(runguard.RunGuardConfigError, match="RUNGUARD_ARTIFACT_BREACH='sometimes'"):
         runguard.autolog()
+
+
+def test_a_directory_counts_but_keeps_its_layout(tracking, tmp_path):
+    """MLflow logs a model into a run as a directory: splitting it up would break the model."""
+    runguard.autolog(max_artifact_writes=2)
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("MLmodel", "conda.yaml", "model.pkl"):
+        (model / name).write_text(name)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(model), "model")
+        mlflow.log_text("after", "tools/after.txt")  # the budget is spent: consolidated
+    assert listed(run.info.run_id, "model") == ["model/MLmodel", "model/conda.yaml", "model/model.pkl"]
+    (entry,) = consolidated(run.info.run_id, tmp_path)["entries"]
+    assert entry["artifact_path"] == "tools/after.txt" and entry["order"] == 4
