@@ -257,8 +257,10 @@ def flush_run(run_id: str, when: str = "final") -> None:
     with _lock:
         ledger = _ledgers.get(run_id)
         if ledger is None or not ledger.entries:
-            if when == "final":
+            if when == "final" and ledger is not None:
                 _ledgers.pop(run_id, None)
+                if ledger.spool is not None:  # everything was written at the trip
+                    shutil.rmtree(ledger.spool, ignore_errors=True)
             return
         entries, ledger.entries = ledger.entries, []
         spool = ledger.spool

@@ -18,6 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import runguard_autolog as runguard
+from runguard_autolog import _artifacts
 
 from ._servers import start_tracking_server
 
@@ -214,7 +215,10 @@ def test_raise_mode_consolidates_at_the_trip_then_raises(tracking, tmp_path):
         assert caught.value.limit == "max_artifact_writes"
         (entry,) = consolidated(run.info.run_id, tmp_path, "at_trip")["entries"]
         assert entry["artifact_path"] == "tools/c.txt" and entry["text"] == "c"
+        spool = _artifacts._ledgers[run.info.run_id].spool
+        assert os.path.isdir(spool)
     assert listed(run.info.run_id, "tools") == ["tools/a.txt", "tools/b.txt"]
+    assert not os.path.exists(spool)  # nothing left behind on local disk once the run ended
 
 
 def test_bad_artifact_breach_value_is_a_clear_error(monkeypatch):
