@@ -100,15 +100,21 @@ def _files(local_path: str, artifact_path: str | None) -> list[tuple[str, str]]:
     return [(local_path, posixpath.join(base, name) if base else name)]
 
 
+def _ledger(run_id: str) -> _Ledger:
+    """The run's ledger, created on its first write (call under ``_lock``)."""
+    ledger = _ledgers.get(run_id)
+    if ledger is None:
+        ledger = _ledgers[run_id] = _Ledger(run_id)
+    return ledger
+
+
 def _admit(run_id: str, files: list[tuple[str, str]]) -> tuple[list, list, _Ledger, str | None]:
     """Split files into those written now and those spooled; the breach reason if new."""
     max_writes, max_bytes, _ = _limits()
     sizes = [os.path.getsize(path) for path, _ in files]
     written, spooled, reason = [], [], None
     with _lock:
-        ledger = _ledgers.get(run_id)
-        if ledger is None:
-            ledger = _ledgers[run_id] = _Ledger(run_id)
+        ledger = _ledger(run_id)
         for (path, artifact), size in zip(files, sizes):
             ledger.order += 1  # every output of the run, written or spooled
             if ledger.tripped is None and ledger.writes + 1 <= max_writes and ledger.bytes + size <= max_bytes:
@@ -130,9 +136,7 @@ def _admit(run_id: str, files: list[tuple[str, str]]) -> tuple[list, list, _Ledg
 def _count(run_id: str, files: list[tuple[str, str]]) -> None:
     sizes = sum(os.path.getsize(path) for path, _ in files)
     with _lock:
-        ledger = _ledgers.get(run_id)
-        if ledger is None:
-            ledger = _ledgers[run_id] = _Ledger(run_id)
+        ledger = _ledger(run_id)
         ledger.writes += len(files)
         ledger.bytes += sizes
         ledger.order += len(files)
@@ -173,17 +177,9 @@ def _spool(ledger: _Ledger, order: int, path: str, artifact: str, size: int) -> 
         ledger.consolidated_bytes += size
 
 
-def guard_log_artifact(wrapped, instance, args, kwargs):
-    """``MlflowClient.log_artifact(run_id, local_path, artifact_path=None)``."""
-    return _guard(wrapped, instance, args, kwargs)
-
-
 def guard_log_artifacts(wrapped, instance, args, kwargs):
-    """``MlflowClient.log_artifacts(run_id, local_dir, artifact_path=None)``."""
-    return _guard(wrapped, instance, args, kwargs)
-
-
-def _guard(wrapped, instance, args, kwargs):
+    """``MlflowClient.log_artifact(run_id, local_path, artifact_path=None)`` and
+    ``log_artifacts(run_id, local_dir, artifact_path=None)``: one wrapper for both."""
     if not RUNTIME.enabled or _WRITING.get():
         return wrapped(*args, **kwargs)
     try:

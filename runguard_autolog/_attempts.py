@@ -186,9 +186,12 @@ def judge(call: Call, reader: Reader, response: Any) -> tuple[Any, tuple | None]
 
 
 def _throttled(call: Call, retry_after: float | None):
+    # the innermost scope enforces autolog's limits (as overridden by its own); outer scopes
+    # only their own (rare path: looked up here rather than carried by every call)
     innermost = len(call.charges) - 1
     limits = [
-        call.limits["max_consecutive_429s"] if position == innermost else scope.own.get("max_consecutive_429s", _INF)
+        scope.effective()[0]["max_consecutive_429s"] if position == innermost
+        else scope.own.get("max_consecutive_429s", _INF)
         for position, (scope, _) in enumerate(call.charges)
     ]
     trips = RUNTIME.store.throttled(call, limits, retry_after)

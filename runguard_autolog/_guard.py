@@ -58,7 +58,7 @@ class Call(Reservation):
     :func:`admit` (no ``__init__``: one Python frame less per billed call)."""
 
     __slots__ = (
-        "endpoint", "model", "rates", "flat", "prompt", "cap", "on_trip", "loop_repeats", "limits",
+        "endpoint", "model", "rates", "flat", "prompt", "cap", "on_trip", "loop_repeats",
         # its HTTP attempts (see _attempts): how many left the process, whether the next one is
         # a retry, seconds spent in them not yet charged, the trip that stopped a retry
         "attempts", "retry_due", "seconds", "stopped",
@@ -103,7 +103,6 @@ def admit(endpoint, kwargs: dict) -> Call:
     call.cap = cap
     call.on_trip = on_trip = limits["on_trip"]
     call.loop_repeats = limits["loop_repeats"]
-    call.limits = limits
     call.attempts = 0
     call.retry_due = False
     call.seconds = 0.0

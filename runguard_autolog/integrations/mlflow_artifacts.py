@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
-from .._artifacts import guard_log_artifact, guard_log_artifacts
+from .._artifacts import guard_log_artifacts
 from .._patching import PatchSpec
 
 NAME = "mlflow_artifacts"
 TARGET_MODULE = "mlflow"
 
 PATCHES = (
-    PatchSpec("mlflow.tracking.client", "MlflowClient.log_artifact", wrapper=guard_log_artifact),
+    PatchSpec("mlflow.tracking.client", "MlflowClient.log_artifact", wrapper=guard_log_artifacts),
     PatchSpec("mlflow.tracking.client", "MlflowClient.log_artifacts", wrapper=guard_log_artifacts),
 )
