@@ -29,6 +29,7 @@ from ._evaluation import guarded_evaluate
 from ._recording import flush
 from ._runtime import RUNTIME, logger
 from ._scopes import Snapshot, current, reset, session
+from ._shared import SharedSnapshot, budget_from
 from .tokens import register_encoding
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "flush",
     "register_encoding",
     "config",
+    "reset_shared",
+    "current_shared",
     "RunGuardTripped",
     "RunGuardConfigError",
     "Snapshot",
@@ -66,6 +69,18 @@ def autolog(
     max_context_fraction: float | str | None = None,
     on_trip: str | Callable[[RunGuardTripped], Any] | None = None,
     artifact_breach: str | None = None,
+    store: str | None = None,
+    shared_budget: str | None = None,
+    shared_max_calls: int | float | str | None = None,
+    shared_max_requests: int | float | str | None = None,
+    shared_max_input_tokens: int | float | str | None = None,
+    shared_max_output_tokens: int | float | str | None = None,
+    shared_max_total_tokens: int | float | str | None = None,
+    shared_max_cost_usd: float | str | None = None,
+    shared_max_request_latency_s: float | str | None = None,
+    shared_window: str | int | None = None,
+    store_outage: str | None = None,
+    shared_lease_s: float | None = None,
 ) -> None:
     """Enable (or with ``disable=True`` remove) the breaker on every supported SDK.
 
@@ -77,6 +92,13 @@ def autolog(
     ``artifact_breach`` (``RUNGUARD_ARTIFACT_BREACH``): past the artifact budget, outputs are
     consolidated (``"consolidate"``, the default) or consolidated and ``RunGuardTripped``
     raised (``"raise"``).
+
+    Shared budgets (many processes, many machines; see README): ``store="redis://…"``
+    (``RUNGUARD_STORE``) and ``shared_budget="name"`` (``RUNGUARD_SHARED_BUDGET``) make every
+    call also charge that budget, with limits ``shared_max_*`` (``RUNGUARD_SHARED_MAX_*``),
+    fixed windows ``shared_window`` ("minute", "hour", "day" or seconds), the outage policy
+    ``store_outage`` ("fail_closed", the default, or "fail_open") and ``shared_lease_s``, the
+    bound after which a dead process's reservations are reclaimed (default 30 s).
     """
     keywords = {name: value for name, value in locals().items() if name != "disable"}
     with RUNTIME.lock:
@@ -85,11 +107,63 @@ def autolog(
                 logger.warning("runguard: RUNGUARD_DISABLE is set; the breaker is off")
             RUNTIME.enabled = False
             _patching.uninstall_all()
+            RUNTIME.use_shared(None)
             return
         settings = resolve(keywords)  # raises before anything changes
+        budget = budget_from(settings)
         RUNTIME.configure(settings)
+        RUNTIME.use_shared(budget)
         RUNTIME.enabled = True
         _patching.install_all()
+
+
+def _budget_named(name: str | None, store: str | None):
+    """The configured shared budget when it matches, else a client for ``name`` on ``store``
+    (else ``RUNGUARD_STORE``)."""
+    from ._config import parse_budget_name, parse_store
+    from ._shared import SharedBudget
+
+    configured = getattr(RUNTIME.store, "budget", None)
+    if configured is not None and name in (None, configured.name) and store in (None, configured.url):
+        return configured, False
+    if name is None:
+        raise RunGuardConfigError("runguard: no shared budget is configured here; pass its name")
+    name = parse_budget_name(name, "name")
+    if store is None:
+        import os
+
+        if "RUNGUARD_STORE" not in os.environ:
+            raise RunGuardConfigError("runguard: which store holds the shared budget? pass store='redis://…' "
+                                      "or set RUNGUARD_STORE")
+        store = parse_store(os.environ["RUNGUARD_STORE"], "RUNGUARD_STORE")
+    else:
+        store = parse_store(store)
+    if store == "memory":
+        raise RunGuardConfigError("runguard: shared budgets live in Redis; store='memory' holds none")
+    return SharedBudget(name, store, {}), True
+
+
+def reset_shared(name: str | None = None, store: str | None = None) -> None:
+    """Zero a shared budget's counters and close its circuit, for every process on it.
+
+    ``name`` defaults to the budget ``autolog()`` configured; ``store`` to autolog()'s store,
+    else ``RUNGUARD_STORE``. Calls already in flight settle into the fresh counters."""
+    budget, temporary = _budget_named(name, store)
+    try:
+        budget.reset()
+    finally:
+        if temporary:
+            budget.close()
+
+
+def current_shared(name: str | None = None, store: str | None = None) -> SharedSnapshot:
+    """The shared budget's counters in its current window (one round trip to the store)."""
+    budget, temporary = _budget_named(name, store)
+    try:
+        return SharedSnapshot(budget)
+    finally:
+        if temporary:
+            budget.close()
 
 
 def config() -> str:

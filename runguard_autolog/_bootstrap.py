@@ -17,7 +17,7 @@ import shutil
 import sys
 from typing import Mapping
 
-from ._config import LIMITS, Setting, env_flag, env_name, resolve
+from ._config import LIMITS, SHARED_LIMITS, Setting, env_flag, env_name, redact, resolve
 from ._errors import RunGuardConfigError
 
 BAD_CONFIG_EXIT = 2
@@ -87,14 +87,21 @@ def run(argv: list[str] | None = None) -> int:
     return 0  # not reached
 
 
+SHARED_SETTINGS = ("store", "shared_budget", *SHARED_LIMITS, "shared_window", "store_outage", "shared_lease_s")
+
+
 def describe(settings: Mapping[str, Setting], environ: Mapping[str, str] | None = None) -> str:
     """The effective limits and where each came from, as a table."""
     environ = os.environ if environ is None else environ
     rows = [("limit", "value", "source")]
-    for name in [*LIMITS, "on_trip", "artifact_breach"]:
+    for name in [*LIMITS, "on_trip", "artifact_breach", *SHARED_SETTINGS]:
         setting = settings[name]
         value = setting.value
-        if value == float("inf"):
+        if name == "store":
+            shown = redact(value)
+        elif value is None:
+            shown = "none"
+        elif value == float("inf"):
             shown = "none"
         elif callable(value):
             shown = getattr(value, "__qualname__", repr(value))
@@ -102,7 +109,8 @@ def describe(settings: Mapping[str, Setting], environ: Mapping[str, str] | None 
             shown = str(value)
         source = setting.source
         if source == "environment":
-            source = f"environment ({env_name(name)}={environ.get(env_name(name), '')})"
+            raw = environ.get(env_name(name), "")
+            source = f"environment ({env_name(name)}={redact(raw) if name == 'store' else raw})"
         rows.append((name, shown, source))
     width = [max(len(row[i]) for row in rows) for i in range(2)]
     lines = [f"{a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows]

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 from ._errors import RunGuardConfigError
 
@@ -35,6 +37,17 @@ LIMITS: dict[str, tuple[str, float]] = {
     "loop_identical_requests": ("count2", INF),
     "max_context_fraction": ("fraction", 0.95),
 }
+# limits of a shared budget (see _shared): the counters, each prefixed ``shared_``; none by default
+SHARED_LIMITS: dict[str, tuple[str, float]] = {
+    "shared_" + name: (LIMITS[name][0], INF)
+    for name in ("max_calls", "max_requests", "max_input_tokens", "max_output_tokens", "max_total_tokens",
+                 "max_cost_usd", "max_request_latency_s")
+}
+# fixed windows of a shared budget, in seconds (a whole number of seconds is accepted too)
+WINDOWS = {"minute": 60, "hour": 3600, "day": 86400}
+STORE_OUTAGE_CHOICES = ("fail_closed", "fail_open")
+DEFAULT_LEASE_S = 30.0
+_BUDGET_NAME = re.compile(r"[A-Za-z0-9._:/@+=-]{1,200}")
 ON_TRIP_CHOICES = ("raise", "warn")
 ARTIFACT_BREACH_CHOICES = ("consolidate", "raise")  # past the artifact budget: spool only, or also raise
 _OFF_WORDS = ("none", "off")
@@ -74,9 +87,13 @@ def _check_number(kind: str, number: float, where: str, raw: Any) -> float:
     return float(number)
 
 
+def _kind(name: str) -> str:
+    return (LIMITS.get(name) or SHARED_LIMITS[name])[0]
+
+
 def parse_keyword(name: str, value: Any) -> float:
     """Validate a limit given in code (``None`` is handled by the caller)."""
-    kind, _ = LIMITS[name]
+    kind = _kind(name)
     if isinstance(value, str):
         if value.strip().lower() in _OFF_WORDS:
             return INF
@@ -88,7 +105,7 @@ def parse_keyword(name: str, value: Any) -> float:
 
 def parse_env_value(name: str, raw: str) -> float:
     """Parse the text of ``RUNGUARD_<NAME>``; '1e999', 'abc', '-3' are errors."""
-    kind, _ = LIMITS[name]
+    kind = _kind(name)
     where = env_name(name)
     text = raw.strip().lower()
     if text in _OFF_WORDS:
@@ -114,6 +131,90 @@ def parse_artifact_breach(value: Any, where: str = "artifact_breach") -> str:
     if isinstance(value, str) and value.strip().lower() in ARTIFACT_BREACH_CHOICES:
         return value.strip().lower()
     raise _bad(where, value, "use 'consolidate' or 'raise'")
+
+
+def redact(url: str) -> str:
+    """A store URL safe to print: any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def parse_store(value: Any, where: str = "store") -> str:
+    """``"memory"`` or a Redis URL (``redis://``, ``rediss://``, ``unix://``)."""
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(where, value, "use 'memory' or a Redis URL such as redis://127.0.0.1:6379/0")
+    text = value.strip()
+    if text.lower() == "memory":
+        return "memory"
+    shown = redact(text)
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # raises ValueError when malformed
+    except ValueError:
+        raise RunGuardConfigError(f"runguard: {where}={shown!r} is not valid: not a URL") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise RunGuardConfigError(
+            f"runguard: {where}={shown!r} is not valid: use 'memory' or a redis://, rediss:// or unix:// URL")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise RunGuardConfigError(f"runguard: {where}={shown!r} is not valid: a unix:// URL needs a socket path")
+    else:
+        if not parts.hostname:
+            raise RunGuardConfigError(f"runguard: {where}={shown!r} is not valid: no host")
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise RunGuardConfigError(f"runguard: {where}={shown!r} is not valid: the database must be a number")
+        if port is not None and not 0 < port < 65536:
+            raise RunGuardConfigError(f"runguard: {where}={shown!r} is not valid: bad port")
+    return text
+
+
+def parse_budget_name(value: Any, where: str = "shared_budget") -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and _BUDGET_NAME.fullmatch(value.strip()):
+        return value.strip()
+    raise _bad(where, value, "use 1-200 letters, digits or . _ : / @ + = - (no spaces or braces)")
+
+
+def parse_window(value: Any, where: str = "shared_window") -> int | None:
+    """``None``/``"none"``, ``"minute"``, ``"hour"``, ``"day"``, or a whole number of seconds."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _OFF_WORDS:
+            return None
+        if text in WINDOWS:
+            return WINDOWS[text]
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+    elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise _bad(where, value, "use 'minute', 'hour', 'day', a whole number of seconds, or 'none'")
+
+
+def parse_outage(value: Any, where: str = "store_outage") -> str:
+    if isinstance(value, str) and value.strip().lower() in STORE_OUTAGE_CHOICES:
+        return value.strip().lower()
+    raise _bad(where, value, "use 'fail_closed' or 'fail_open'")
+
+
+def parse_lease(value: Any, where: str = "shared_lease_s") -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _bad(where, value, "must be a number of seconds") from None
+    if isinstance(value, bool) or not 1 <= number <= 86400:
+        raise _bad(where, value, "must be between 1 and 86400 seconds")
+    return number
 
 
 def env_flag(variable: str, environ: Mapping[str, str] | None = None) -> bool:
@@ -159,7 +260,48 @@ def resolve(keywords: Mapping[str, Any], environ: Mapping[str, str] | None = Non
             parse_artifact_breach(environ["RUNGUARD_ARTIFACT_BREACH"], "RUNGUARD_ARTIFACT_BREACH"), "environment")
     else:
         settings["artifact_breach"] = Setting("consolidate", "default")
+    _resolve_shared(keywords, environ, settings)
     return settings
+
+
+def _pick(keywords, environ, settings, name: str, parse: Callable[[Any, str], Any], default: Any) -> None:
+    """keyword > RUNGUARD_<NAME> > default, validated by ``parse(value, where)``."""
+    if keywords.get(name) is not None:
+        settings[name] = Setting(parse(keywords[name], name), "keyword")
+    elif env_name(name) in environ:
+        settings[name] = Setting(parse(environ[env_name(name)], env_name(name)), "environment")
+    else:
+        settings[name] = Setting(default, "default")
+
+
+def _resolve_shared(keywords, environ, settings: dict[str, Setting]) -> None:
+    """The shared-budget settings (store, budget name, its limits, window, outage policy)."""
+    _pick(keywords, environ, settings, "store", parse_store, "memory")
+    _pick(keywords, environ, settings, "shared_budget", parse_budget_name, None)
+    for name, (_, default) in SHARED_LIMITS.items():
+        given = keywords.get(name)
+        if given is not None:
+            settings[name] = Setting(parse_keyword(name, given), "keyword")
+        elif env_name(name) in environ:
+            settings[name] = Setting(parse_env_value(name, environ[env_name(name)]), "environment")
+        else:
+            settings[name] = Setting(default, "default")
+    _pick(keywords, environ, settings, "shared_window", parse_window, None)
+    _pick(keywords, environ, settings, "store_outage", parse_outage, "fail_closed")
+    _pick(keywords, environ, settings, "shared_lease_s", parse_lease, DEFAULT_LEASE_S)
+    budget = settings["shared_budget"]
+    if budget.value is None:
+        given = [name for name in SHARED_LIMITS if settings[name].source != "default"]
+        if given:
+            where = given[0] if settings[given[0]].source == "keyword" else env_name(given[0])
+            raise RunGuardConfigError(
+                f"runguard: {where} is set but no shared budget is named: set shared_budget= "
+                "(RUNGUARD_SHARED_BUDGET) to the name every process of the job uses")
+    elif settings["store"].value == "memory":
+        where = "shared_budget" if budget.source == "keyword" else "RUNGUARD_SHARED_BUDGET"
+        raise RunGuardConfigError(
+            f"runguard: {where}={budget.value!r} needs a shared store: set store='redis://host:6379/0' "
+            "(RUNGUARD_STORE); the in-memory store cannot be seen by other processes")
 
 
 def explicit_limits(keywords: Mapping[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,16 @@ class RunGuardTripped(RuntimeError):
         super().__init__(self._message())
 
     def _message(self) -> str:
+        if self.scope.startswith("shared:"):
+            name = self.scope[len("shared:"):]
+            if self.limit == "store_outage":
+                return f"runguard: {self.reason}. The call was not sent."
+            return (
+                f"runguard: {self.reason} in scope {self.scope}. The call was not sent, and no process "
+                f"on this budget may send one. Raise the limit with runguard.autolog({self.limit}=...) or "
+                f"RUNGUARD_{self.limit.upper()}=..., or reset the budget for every process with "
+                f"runguard.reset_shared({name!r}) or `runguard reset --shared {name}`."
+            )
         if self.threshold is None:  # the provider refused in a way retrying cannot fix
             return (
                 f"runguard: {self.reason} in scope {self.scope}. No further request was sent. "

@@ -22,6 +22,7 @@ from ._store import CALLS, COST, INPUT, OUTPUT, REQUESTS, TOTAL
 TAG_TRIPPED = "runguard.tripped"
 TAG_TRIP_LIMIT = "runguard.trip_limit"
 TAG_TRIP_SCOPE = "runguard.trip_scope"
+TAG_SHARED_BUDGET = "runguard.shared_budget"
 METRIC_CALLS_AT_TRIP = "runguard.calls_at_trip"
 METRIC_TOKENS_AT_TRIP = "runguard.tokens_at_trip"
 METRIC_COST_AT_TRIP = "runguard.cost_usd_at_trip"
@@ -137,6 +138,8 @@ def tripped(trip, scope=None) -> None:
             metrics[METRIC_GATEWAY_REQUESTS] = used[REQUESTS]
             metrics[METRIC_CONSECUTIVE_429S] = trip.consecutive_429s
         tags = {TAG_TRIPPED: trip.reason, TAG_TRIP_LIMIT: trip.limit, TAG_TRIP_SCOPE: trip.scope}
+        if trip.scope.startswith("shared:"):
+            tags[TAG_SHARED_BUDGET] = trip.scope[len("shared:"):]
         _WORKER.submit(lambda: write_run(run_id, uri, metrics, tags))
     except Exception as error:
         log_once(("record-trip", type(error).__name__), "runguard: could not record a trip (%s)", error)

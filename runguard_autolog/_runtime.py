@@ -18,12 +18,24 @@ class Runtime:
         self.enabled = False  # call-time switch read by every wrapper
         self.version = 0  # bumped whenever the configuration changes
         self.settings: dict[str, Setting] = resolve({}, environ={})
-        self.store = MemoryStore()
+        self.local = self.store = MemoryStore()  # store: local, or local + a shared budget (_shared)
         self.lock = threading.RLock()
 
     def configure(self, settings: dict[str, Setting]) -> None:
         self.settings = settings
         self.version += 1
+
+    def use_shared(self, budget) -> None:
+        """Charge every call to ``budget`` too (``None``: local scopes only)."""
+        previous = getattr(self.store, "budget", None)
+        if budget is None:
+            self.store = self.local
+        else:
+            from ._shared import SharedStore
+
+            self.store = SharedStore(self.local, budget)
+        if previous is not None and previous is not budget:
+            previous.close()
 
     def limits(self) -> dict[str, Any]:
         return {name: self.settings[name].value for name in LIMITS}

@@ -122,9 +122,9 @@ class Refusal:
 class Reservation:
     """What one admitted call holds in each scope until it settles or is released:
     ``charges`` and ``forecast`` as described above, and ``settled`` (False until the
-    store settles or releases it)."""
+    store settles or releases it); ``lease``, what a shared store holds for it (see _shared)."""
 
-    __slots__ = ("charges", "forecast", "settled")
+    __slots__ = ("charges", "forecast", "settled", "lease")
 
 
 def _refusal(scope, index: int, threshold: float, wanted: float) -> Refusal:

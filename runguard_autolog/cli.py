@@ -1,4 +1,4 @@
-"""The ``runguard`` command: ``demo``, ``run``, ``config``, ``bootstrap-path``, ``version``."""
+"""The ``runguard`` command: ``demo``, ``run``, ``config``, ``reset --shared``, ``bootstrap-path``, ``version``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("config", help="print the effective limits and where each came from")
     commands.add_parser("bootstrap-path", help="print the directory to put first on PYTHONPATH "
                                                "(with RUNGUARD_AUTOLOG=1) to enable the breaker without code")
+    reset = commands.add_parser("reset", help="zero a shared budget's counters and close its circuit, "
+                                              "for every process on it")
+    reset.add_argument("--shared", metavar="NAME", required=True, help="the shared budget's name")
+    reset.add_argument("--store", help="the Redis URL holding it (default: RUNGUARD_STORE)")
     commands.add_parser("version", help="print the version")
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -40,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             print(error, file=sys.stderr)
             return BAD_CONFIG_EXIT
         return 0
+    if args.command == "reset":
+        return _reset_shared(args.shared, args.store)
     if args.command == "bootstrap-path":
         from ._bootstrap import bootstrap_dir
 
@@ -51,6 +57,24 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     return 2
+
+
+def _reset_shared(name: str, store: str | None) -> int:
+    from . import reset_shared
+    from ._config import redact
+    from ._errors import RunGuardConfigError
+
+    try:
+        reset_shared(name, store)
+    except RunGuardConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except Exception as error:  # the store did not answer: say so without echoing a password
+        print(f"runguard: could not reset shared budget {name!r}: {type(error).__name__}: "
+              f"{redact(str(error))}", file=sys.stderr)
+        return 1
+    print(f"runguard: shared budget {name!r} reset (counters zeroed, circuit closed)")
+    return 0
 
 
 if __name__ == "__main__":
