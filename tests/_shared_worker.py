@@ -1,0 +1,56 @@
+"""One worker process of a job on a shared budget (run by tests/test_shared.py).
+
+    python tests/_shared_worker.py '<json>'
+
+The JSON gives ``autolog`` (keywords), ``base_url``, ``threads``, ``calls_per_thread`` and
+the request's ``max_tokens`` (optional). Each thread calls until runguard refuses it, then
+stops. Prints one JSON line: how many calls returned, and the limit/scope of each refusal.
+With ``"hold": true`` it makes a single call (the test answers it slowly), printing
+``sending`` first, so the test can kill the process while its reservation is held.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import openai
+
+import runguard_autolog as runguard
+
+
+def main() -> None:
+    params = json.loads(sys.argv[1])
+    runguard.autolog(**params["autolog"])
+    client = openai.OpenAI(base_url=params["base_url"], api_key="test", max_retries=0)
+    request = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "work"}]}
+    if params.get("max_tokens"):
+        request["max_tokens"] = params["max_tokens"]
+    if params.get("hold"):
+        print("sending", flush=True)
+        client.chat.completions.create(**request)
+        return
+    done, refused, lock = [0], [], threading.Lock()
+
+    def work() -> None:
+        for _ in range(params["calls_per_thread"]):
+            try:
+                client.chat.completions.create(**request)
+            except runguard.RunGuardTripped as trip:
+                with lock:
+                    refused.append([trip.limit, trip.scope])
+                return
+            with lock:
+                done[0] += 1
+
+    threads = [threading.Thread(target=work) for _ in range(params["threads"])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(json.dumps({"done": done[0], "refused": refused}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
