@@ -26,7 +26,7 @@ from . import _patching
 from ._config import env_flag, resolve
 from ._errors import RunGuardConfigError, RunGuardTripped
 from ._evaluation import guarded_evaluate
-from ._recording import flush
+from . import _recording
 from ._runtime import RUNTIME, logger
 from ._scopes import Snapshot, current, reset, session
 from ._shared import SharedSnapshot, budget_from
@@ -160,10 +160,19 @@ def current_shared(name: str | None = None, store: str | None = None) -> SharedS
     """The shared budget's counters in its current window (one round trip to the store)."""
     budget, temporary = _budget_named(name, store)
     try:
+        budget.flush()  # this process's own settles first
         return SharedSnapshot(budget)
     finally:
         if temporary:
             budget.close()
+
+
+def flush(timeout: float = 10.0) -> bool:
+    """Wait up to ``timeout`` seconds for runguard's background writes: settles on the shared
+    budget, then tags and metrics on MLflow runs. True when everything was written."""
+    budget = getattr(RUNTIME.store, "budget", None)
+    shared = budget.flush(timeout) if budget is not None else True
+    return _recording.flush(timeout) and shared
 
 
 def config() -> str:

@@ -94,7 +94,8 @@ def _mlflow():
     return sys.modules.get("mlflow")
 
 
-def _active_run_info():
+def active_run_info():
+    """(run id, experiment id, tracking URI) of this thread's active run, or None."""
     fluent = sys.modules.get("mlflow.tracking.fluent")
     if fluent is None:
         return None
@@ -120,11 +121,16 @@ def write_run(run_id: str, uri: str, metrics: dict[str, float], tags: dict[str, 
 
 
 # -- trips ----------------------------------------------------------------------------------
-def tripped(trip, scope=None) -> None:
-    """A scope's circuit just opened: one log line and the run's tags/metrics (in the background)."""
+_HERE = object()
+
+
+def tripped(trip, scope=None, where=_HERE) -> None:
+    """A scope's circuit just opened: one log line and the run's tags/metrics (in the background),
+    on this thread's active run (or the run ``where`` names, for trips found off the call's thread)."""
     try:
         logger.warning("runguard: %s in scope %s; further calls there are refused until reset", trip.reason, trip.scope)
-        where = _active_run_info()
+        if where is _HERE:
+            where = active_run_info()
         if where is None:
             return
         run_id, _, uri = where
@@ -173,7 +179,7 @@ def refused(error, trip, newly: bool, target: str) -> None:
         key = (trip.scope, trip.limit, trip.reason)
         if key in _spanned_trips:
             return
-        where = _active_run_info()
+        where = active_run_info()
         if where is None and not _llm_autolog_on():
             return  # no run and no LLM tracing: there is no trace for the refusal to appear in
         _spanned_trips.add(key)

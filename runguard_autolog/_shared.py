@@ -37,14 +37,17 @@ keep one budget's keys in one Redis Cluster slot.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
+import queue
 import socket
 import threading
 import time
 from typing import Any
 
+from . import _recording
 from ._config import INF, SHARED_LIMITS, redact
 from ._errors import RunGuardConfigError
 from ._runtime import internal_error, log_once, logger
@@ -55,189 +58,220 @@ READ_TIMEOUT_S = 0.25
 REPROBE_S = 1.0  # while the store is down, try it again at most this often
 RECLAIM_PER_CALL = 32  # expired leases a reservation reclaims (amortised O(1))
 MAX_UNSETTLED = 10_000  # settles kept for reconciliation while the store is down
-_ZEROS = ("0",) * len(COUNTERS)
 
 # -- Lua ---------------------------------------------------------------------------------------
-# ARGV[1] key prefix, ARGV[2] window length (s, 0: none), ARGV[3] lease (ms); KEYS[1] leases,
-# KEYS[2] lease expiries. A lease record is "<window start>|<index>=<amount>|...".
+# What a call waits for is one reserve: few arguments (each costs the client time to encode),
+# a reply that is one integer when the call is admitted, and a script that reads the window's
+# counters with one HMGET and writes what changed with one HSET (a script's cost on the server
+# is mostly how many commands it runs).
+# ARGV[1] is "<key prefix>|<window length, s; 0: none>|<lease, ms>"; KEYS[1] holds the leases, a
+# sorted set of "<lease id>|<window start>|<index>=<amount>|..." scored by expiry (ms). Lists of
+# checks and amounts travel as "<index>:<value>[:<value>],...".
 _PRELUDE = """
-local prefix, window, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local prefix, window, lease_ms = string.match(ARGV[1], '^([^|]*)|([^|]*)|([^|]*)$')
+window, lease_ms = tonumber(window), tonumber(lease_ms)
+local FIELDS = {'u0', 'u1', 'u2', 'u3', 'u4', 'u5', 'u6', 'r0', 'r1', 'r2', 'r3', 'r4', 'r5', 'r6', 'trip'}
 local function clock()
   local t = redis.call('TIME')
   return tonumber(t[1]), tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local function window_start(seconds)
-  if window > 0 then return seconds - (seconds % window) end
-  return 0
+  if window > 0 then return tostring(seconds - (seconds % window)) end
+  return '0'
 end
 local function key(start) return prefix .. ':w:' .. start end
-local function keep(wkey, start)
-  if window > 0 then redis.call('PEXPIREAT', wkey, (start + window) * 1000 + 2 * lease_ms) end
+-- v[1..7]: used counters, v[8..14]: reserved, in _store.COUNTERS order; v.trip
+local function load(wkey)
+  local s = redis.call('HMGET', wkey, unpack(FIELDS))
+  local v = {trip = s[15]}
+  for i = 1, 14 do v[i] = tonumber(s[i] or '0') end
+  return v
 end
-local function drop_lease(id)
-  local record = redis.call('HGET', KEYS[1], id)
-  if not record then return nil end
-  redis.call('HDEL', KEYS[1], id)
-  redis.call('ZREM', KEYS[2], id)
-  local start = nil
-  for part in string.gmatch(record, '[^|]+') do
-    if start == nil then
-      start = part
-      if redis.call('EXISTS', key(start)) == 0 then return start end
-    else
-      local index, amount = string.match(part, '^(%d)=(.+)$')
-      redis.call('HINCRBYFLOAT', key(start), 'r' .. index, '-' .. amount)
-    end
+local function save(wkey, start, v, dirty)
+  local args = {}
+  for i in pairs(dirty) do
+    args[#args + 1] = FIELDS[i]
+    args[#args + 1] = string.format('%.17g', v[i])
   end
-  return start
+  if #args > 0 then redis.call('HSET', wkey, unpack(args)) end
+  if window > 0 then redis.call('PEXPIREAT', wkey, (tonumber(start) + window) * 1000 + 2 * lease_ms) end
 end
-local FIELDS = {'u0', 'u1', 'u2', 'u3', 'u4', 'u5', 'u6', 'r0', 'r1', 'r2', 'r3', 'r4', 'r5', 'r6', 'trip'}
-local function state(wkey) return redis.call('HMGET', wkey, unpack(FIELDS)) end
-local function used_of(s)
-  local used = {}
-  for i = 1, 7 do used[i] = tonumber(s[i] or '0') end
-  return used
+local function lease_parts(member)
+  local start, rest = string.match(member, '^[^|]*|([^|]*)(.*)$')
+  local held = {}
+  for index, amount in string.gmatch(rest, '|(%d)=([^|]+)') do held[#held + 1] = {tonumber(index), tonumber(amount)} end
+  return start, held
+end
+local function unhold(v, held, dirty)
+  for _, h in ipairs(held) do
+    v[h[1] + 8] = v[h[1] + 8] - h[2]
+    dirty[h[1] + 8] = true
+  end
+end
+local function trip_of(index, threshold_text, observed, forecast, v)
+  return cjson.encode({index, threshold_text, observed, forecast, {v[1], v[2], v[3], v[4], v[5], v[6], v[7]}})
 end
 -- why an amount does not fit; the trip is stored (sticky) when committed usage alone forbids it
-local function refusal(wkey, s, index, threshold_text, wanted)
+local function refusal(wkey, v, index, threshold_text, wanted)
   local threshold = tonumber(threshold_text)
-  local used = used_of(s)
-  local u, r = used[index + 1], tonumber(s[index + 8] or '0')
+  local u, r = v[index + 1], v[index + 8]
   local sticky = u + wanted > threshold
   local observed, forecast = u, 0
   if u < threshold then
     forecast = 1
     if sticky then observed = u + wanted else observed = u + r + wanted end
   end
-  local trip = cjson.encode({index, threshold_text, observed, forecast, used})
+  local trip = trip_of(index, threshold_text, observed, forecast, v)
   if sticky then redis.call('HSET', wkey, 'trip', trip) end
   return trip, sticky and 1 or 0
 end
 """
 
-# ARGV[4] lease id, ARGV[5] enforce (1/0), ARGV[6] n checks, then n (index, threshold), then
-# the 7 forecast amounts. Returns {1, start} admitted, {0, start, trip} tripped before,
-# {2, start, trip, sticky} refused, {3, start, trip, sticky} over but held (shadow mode).
+# ARGV[2] lease id, ARGV[3] enforce (1/0), ARGV[4] checks "<index>:<threshold>:<forecast>,...".
+# Reclaims expired leases, then checks and holds. Returns the window start (an integer) when
+# admitted (the lease is then "<id>|<start>|<index>=<forecast>|..." for each check), else
+# {status, start, lease or false, trip, sticky}: status 0 tripped before, 2 refused (nothing
+# held), 3 over a limit but held anyway (shadow mode).
 _RESERVE = _PRELUDE + """
 local seconds, now = clock()
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, %d)) do drop_lease(id) end
 local start = window_start(seconds)
 local wkey = key(start)
-local s = state(wkey)
-local n = tonumber(ARGV[6])
-local amounts = 6 + 2 * n
-local verdict = nil
-if s[15] then
-  verdict = {0, start, s[15]}
+local v = load(wkey)
+local dirty = {}
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, RECLAIM_PER_CALL)
+if #expired > 0 then
+  redis.call('ZREM', KEYS[1], unpack(expired))
+  for _, member in ipairs(expired) do
+    local lease_start, held = lease_parts(member)
+    if lease_start == start then
+      unhold(v, held, dirty)
+    elseif redis.call('EXISTS', key(lease_start)) == 1 then
+      for _, h in ipairs(held) do redis.call('HINCRBYFLOAT', key(lease_start), 'r' .. h[1], -h[2]) end
+    end
+  end
+end
+local checks = {}
+for index, threshold, amount in string.gmatch(ARGV[4], '(%d):([^:,]+):([^:,]+)') do
+  checks[#checks + 1] = {tonumber(index), threshold, amount}
+end
+local status, trip, sticky = 1, false, 0
+if v.trip then
+  status, trip = 0, v.trip
 else
-  for k = 0, n - 1 do
-    local index, threshold = tonumber(ARGV[7 + 2 * k]), tonumber(ARGV[8 + 2 * k])
-    local wanted = tonumber(ARGV[amounts + 1 + index])
-    if tonumber(s[index + 1] or '0') + tonumber(s[index + 8] or '0') + wanted > threshold then
-      local trip, sticky = refusal(wkey, s, index, ARGV[8 + 2 * k], wanted)
-      verdict = {2, start, trip, sticky}
+  for _, c in ipairs(checks) do
+    local wanted = tonumber(c[3])
+    if v[c[1] + 1] + v[c[1] + 8] + wanted > tonumber(c[2]) then
+      trip, sticky = refusal(wkey, v, c[1], c[2], wanted)
+      status = 2
       break
     end
   end
 end
-if verdict and ARGV[5] == '1' then return verdict end
-local record = tostring(start)
-for k = 0, n - 1 do
-  local index = ARGV[7 + 2 * k]
-  local amount = ARGV[amounts + 1 + tonumber(index)]
-  redis.call('HINCRBYFLOAT', wkey, 'r' .. index, amount)
-  record = record .. '|' .. index .. '=' .. amount
+if status ~= 1 and ARGV[3] == '1' then
+  save(wkey, start, v, dirty)
+  return {status, start, false, trip, sticky}
 end
-redis.call('HSET', KEYS[1], ARGV[4], record)
-redis.call('ZADD', KEYS[2], now + lease_ms, ARGV[4])
-keep(wkey, start)
-if verdict then
-  if verdict[1] == 2 then verdict[1] = 3 end
-  return verdict
+local member = ARGV[2] .. '|' .. start
+for _, c in ipairs(checks) do
+  v[c[1] + 8] = v[c[1] + 8] + tonumber(c[3])
+  dirty[c[1] + 8] = true
+  member = member .. '|' .. c[1] .. '=' .. c[3]
 end
-return {1, start}
-""" % RECLAIM_PER_CALL
+save(wkey, start, v, dirty)
+redis.call('ZADD', KEYS[1], now + lease_ms, member)
+if status == 1 then return tonumber(start) end
+if status == 2 then status = 3 end
+return {status, start, member, trip, sticky}
+""".replace("RECLAIM_PER_CALL", str(RECLAIM_PER_CALL))
 
-# ARGV[4] lease id ('' for none), ARGV[5] window start to use when the lease is gone ('' for
-# the current one), ARGV[6] n checks, then n (index, threshold), then the 7 actual amounts.
-# Drops the lease's holds, adds the usage, trips what reached a limit. Returns {start} or
-# {start, trip} when this settle opened the circuit.
+# ARGV[2] lease ('' for none), ARGV[3] window start to charge when the lease is gone ('' for the
+# current one), ARGV[4] checks "<index>:<threshold>,...", ARGV[5] usage "<index>:<amount>,...".
+# Drops the lease's holds (unless it was reclaimed meanwhile), adds the usage, and trips a
+# limit it reached. Returns {start, trip or false} (a trip this settle opened).
 _SETTLE = _PRELUDE + """
-local start = drop_lease(ARGV[4])
+local member, start, held = ARGV[2], nil, nil
+if member ~= '' and redis.call('ZREM', KEYS[1], member) == 1 then start, held = lease_parts(member) end
 if not start then
-  if ARGV[5] ~= '' then start = ARGV[5] else start = window_start(clock()) end
+  if ARGV[3] ~= '' then start = ARGV[3] else start = window_start(clock()) end
 end
 local wkey = key(start)
-local n = tonumber(ARGV[6])
-local amounts = 6 + 2 * n
-for i = 0, 6 do
-  local amount = ARGV[amounts + 1 + i]
-  if tonumber(amount) ~= 0 then redis.call('HINCRBYFLOAT', wkey, 'u' .. i, amount) end
+local v = load(wkey)
+local dirty = {}
+if held then unhold(v, held, dirty) end
+for index, amount in string.gmatch(ARGV[5], '(%d):([^:,]+)') do
+  index = tonumber(index)
+  v[index + 1] = v[index + 1] + tonumber(amount)
+  dirty[index + 1] = true
 end
-keep(wkey, start)
-if n == 0 then return {start} end
-local s = state(wkey)
-if s[15] then return {start} end
-local used = used_of(s)
-for k = 0, n - 1 do
-  local index = tonumber(ARGV[7 + 2 * k])
-  if used[index + 1] >= tonumber(ARGV[8 + 2 * k]) then
-    local trip = cjson.encode({index, ARGV[8 + 2 * k], used[index + 1], 0, used})
+save(wkey, start, v, dirty)
+if v.trip then return {start, false} end
+for index, threshold in string.gmatch(ARGV[4], '(%d):([^:,]+)') do
+  index = tonumber(index)
+  if v[index + 1] >= tonumber(threshold) then
+    local trip = trip_of(index, threshold, v[index + 1], 0, v)
     redis.call('HSET', wkey, 'trip', trip)
     return {start, trip}
   end
 end
-return {start}
+return {start, false}
 """
 
-# One more HTTP attempt of an admitted call. ARGV[4] lease id, ARGV[5] fallback start,
-# ARGV[6] seconds spent so far, ARGV[7] n checks, then n (index, threshold). Returns {1}
-# admitted (one more request used), {0, trip} tripped before, {2, trip, sticky} refused.
+# One more HTTP attempt of an admitted call. ARGV[2] its window start, ARGV[3] seconds spent so
+# far, ARGV[4] checks "<index>:<threshold>,...". Returns {1} admitted (one more request used),
+# {0, trip} tripped before, {2, trip, sticky} refused.
 _RETRY = _PRELUDE + """
-local record = redis.call('HGET', KEYS[1], ARGV[4])
-local start = ARGV[5]
-if record then start = string.match(record, '^[^|]+') end
+local start = ARGV[2]
 local wkey = key(start)
-if tonumber(ARGV[6]) ~= 0 then redis.call('HINCRBYFLOAT', wkey, 'u6', ARGV[6]) end
-local s = state(wkey)
-if s[15] then return {0, s[15]} end
-local used = used_of(s)
-local n = tonumber(ARGV[7])
-for k = 0, n - 1 do
-  local index, threshold = tonumber(ARGV[8 + 2 * k]), tonumber(ARGV[9 + 2 * k])
-  if index == 6 and used[7] >= threshold then
-    local trip = cjson.encode({6, ARGV[9 + 2 * k], used[7], 0, used})
+local v = load(wkey)
+local dirty = {[7] = true}
+v[7] = v[7] + tonumber(ARGV[3])
+if v.trip then
+  save(wkey, start, v, dirty)
+  return {0, v.trip}
+end
+for index, threshold in string.gmatch(ARGV[4], '(%d):([^:,]+)') do
+  index = tonumber(index)
+  if index == 6 and v[7] >= tonumber(threshold) then
+    save(wkey, start, v, dirty)
+    local trip = trip_of(6, threshold, v[7], 0, v)
     redis.call('HSET', wkey, 'trip', trip)
     return {2, trip, 1}
   end
-  if index == 1 and used[2] + tonumber(s[9] or '0') + 1 > threshold then
-    local trip, sticky = refusal(wkey, s, 1, ARGV[9 + 2 * k], 1)
+  if index == 1 and v[2] + v[9] + 1 > tonumber(threshold) then
+    save(wkey, start, v, dirty)
+    local trip, sticky = refusal(wkey, v, 1, threshold, 1)
     return {2, trip, sticky}
   end
 end
-redis.call('HINCRBYFLOAT', wkey, 'u1', 1)
-keep(wkey, start)
+v[2] = v[2] + 1
+dirty[2] = true
+save(wkey, start, v, dirty)
 return {1}
 """
 
-# ARGV[4..]: lease ids still running here; their leases are extended.
+# ARGV[2..]: leases of calls still running here; each is extended by a lease.
 _RENEW = _PRELUDE + """
 local _, now = clock()
-for i = 4, #ARGV do redis.call('ZADD', KEYS[2], 'XX', now + lease_ms, ARGV[i]) end
-return #ARGV - 3
+local args = {'XX'}
+for i = 2, #ARGV do
+  args[#args + 1] = now + lease_ms
+  args[#args + 1] = ARGV[i]
+end
+if #args > 1 then redis.call('ZADD', KEYS[1], unpack(args)) end
+return #ARGV - 1
 """
 
-# Returns {start, leases held, trip or false, u0..u6, r0..r6} of the current window.
+# Returns {start, leases held, trip or false, u0..u6} of the current window.
 _SNAPSHOT = _PRELUDE + """
 local start = window_start(clock())
-local s = state(key(start))
-return {start, redis.call('ZCARD', KEYS[2]), s[15] or false, unpack(s, 1, 14)}
+local s = redis.call('HMGET', key(start), unpack(FIELDS))
+return {start, redis.call('ZCARD', KEYS[1]), s[15] or false, s[1], s[2], s[3], s[4], s[5], s[6], s[7]}
 """
 
 # Zero the current window's counters, drop every lease and close the circuit.
 _RESET = _PRELUDE + """
 local start = window_start(clock())
-redis.call('DEL', key(start), KEYS[1], KEYS[2])
+redis.call('DEL', key(start), KEYS[1])
 return start
 """
 
@@ -306,30 +340,29 @@ class SharedBudget:
         self.checks = tuple(
             (COUNTER_OF_LIMIT[limit[len("shared_"):]], value) for limit, value in limits.items() if value != INF
         )
-        self._check_args = [str(len(self.checks))]
-        for index, threshold in self.checks:
-            self._check_args += [str(index), _amount(threshold)]
+        self.checks = tuple((index, _amount(threshold)) for index, threshold in self.checks)
+        self._check_text = ",".join(f"{index}:{threshold}" for index, threshold in self.checks)
         self.window = window or 0
         self.outage = outage
         self.lease_s = lease_s
         self._client = connect(url)
         self._outage_error_types = _outage_errors()
         prefix = f"runguard:{{{name}}}"
-        self._keys = [f"{prefix}:leases", f"{prefix}:expiry"]
-        self._head = [prefix, str(self.window), str(int(lease_s * 1000))]
+        self._keys = [f"{prefix}:leases"]
+        self._head = [f"{prefix}|{self.window}|{int(lease_s * 1000)}"]
         self._scripts = {
             name: self._client.register_script(source)
             for name, source in (("reserve", _RESERVE), ("settle", _SETTLE), ("retry", _RETRY),
                                  ("renew", _RENEW), ("snapshot", _SNAPSHOT), ("reset", _RESET))
         }
         self._ids = itertools.count(1)
-        self._host = socket.gethostname()[:64]
+        self._host = socket.gethostname()[:64].replace("|", "-")
         self._down_until = 0.0
         self._lock = threading.Lock()
         self._live: dict[str, None] = {}  # leases of calls running here (renewed)
         self._unsettled: list[tuple[str, str, tuple]] = []  # settles the store did not receive
-        self._renewer_pid = None
-        self._closed = threading.Event()
+        self._writer_pid = None
+        self._queue: queue.SimpleQueue | None = None
 
     # -- store calls ---------------------------------------------------------------------
     def _run(self, script: str, args: list) -> Any:
@@ -340,54 +373,49 @@ class SharedBudget:
         reservation.lease = None
         if self._down_until and time.monotonic() < self._down_until:
             return self._outage(reservation, None)
+        forecast = reservation.forecast
+        holds = [(index, threshold, _amount(forecast[index])) for index, threshold in self.checks]
         lease_id = f"{self._host}:{os.getpid()}:{next(self._ids)}"
-        forecast = [_amount(amount) for amount in reservation.forecast]
+        checks = ",".join(f"{index}:{threshold}:{amount}" for index, threshold, amount in holds)
         try:
-            reply = self._run("reserve", [lease_id, "1" if enforce else "0", *self._check_args, *forecast])
+            reply = self._run("reserve", [lease_id, "1" if enforce else "0", checks])
         except self._outage_error_types as error:
             return self._outage(reservation, error)
         if self._down_until:
             self._back_up()
-        status, start = reply[0], reply[1]
-        if status == 1 or status == 3 or (status == 0 and not enforce):
-            reservation.lease = (lease_id, str(start))
-            self._live[lease_id] = None
-            self._renew_in_background()
+        if type(reply) is int:  # admitted: the lease is what the script recorded
+            start = str(reply)
+            member = f"{lease_id}|{start}" + "".join(f"|{index}={amount}" for index, _, amount in holds)
+            status = 1
+        else:
+            status, start, member, trip, sticky = reply
+            start, member = start.decode(), member and member.decode()
+        if member:
+            reservation.lease = (member, start)
+            self._live[member] = None
+            self._jobs()  # the writer renews leases
         if status == 1:
             return None
-        trip = self._trip(reply[2])
         if status == 0:
-            return Refusal(self.scope, trip, True, False)
-        sticky = bool(reply[3])
-        return Refusal(self.scope, trip, sticky, sticky)
+            return Refusal(self.scope, self._trip(trip), True, False)
+        return Refusal(self.scope, self._trip(trip), bool(sticky), bool(sticky))
 
-    def settle(self, lease: tuple, actual: tuple) -> Trip | None:
-        """Drop the lease's holds and charge what the call used; the trip it opened, if any."""
-        lease_id, start = lease
-        self._live.pop(lease_id, None)
-        amounts = [_amount(amount) for amount in actual]
-        try:
-            reply = self._run("settle", [lease_id, start, *self._check_args, *amounts])
-        except self._outage_error_types as error:
-            self._mark_down(error)
-            self._owe(lease_id, start, tuple(actual))
-            return None
-        return self._trip(reply[1]) if len(reply) > 1 else None
+    # NB: settles and releases are sent by the writer thread, pipelined: a call waits for one
+    # round trip (its reserve). Until its settle lands, a call's hold stays reserved, so a
+    # late settle can only make the budget refuse sooner, never overshoot.
+    def settle(self, lease: tuple, actual: tuple, where: Any = None) -> None:
+        """Drop the lease's holds and charge what the call used (sent in the background; a trip
+        it opens is recorded on the MLflow run ``where`` names)."""
+        self._jobs().put((lease, tuple(actual), where))
 
     def release(self, lease: tuple) -> None:
-        """The call never left the process: drop its holds."""
-        lease_id, start = lease
-        self._live.pop(lease_id, None)
-        try:
-            self._run("settle", [lease_id, start, "0", *_ZEROS])
-        except self._outage_error_types as error:
-            self._mark_down(error)
-            self._owe(lease_id, start, (0,) * len(COUNTERS))
+        """The call never left the process: drop its holds (sent in the background)."""
+        self._jobs().put((lease, None, None))
 
     def retry(self, lease: tuple, seconds: float) -> Refusal | None:
-        lease_id, start = lease
+        _, start = lease
         try:
-            reply = self._run("retry", [lease_id, start, _amount(seconds), *self._check_args])
+            reply = self._run("retry", [start, _amount(seconds), self._check_text])
         except self._outage_error_types as error:
             self._mark_down(error)
             return None  # the attempt is already admitted locally; its request settles later
@@ -440,68 +468,163 @@ class SharedBudget:
         now = int(time.time())
         return str(now - now % self.window if self.window else 0)
 
-    def _owe(self, lease_id: str, start: str, actual: tuple) -> None:
+    def _owe(self, member: str, start: str, actual: tuple) -> None:
         """Keep a settle the store did not receive, to send when it answers again."""
         with self._lock:
             if len(self._unsettled) < MAX_UNSETTLED:
-                self._unsettled.append((lease_id, start, actual))
+                self._unsettled.append((member, start, actual))
                 return
             # past the bound: fold usage into the last entry; the dropped lease expires on its own
-            last_id, last_start, last = self._unsettled[-1]
-            self._unsettled[-1] = (last_id, last_start, tuple(a + b for a, b in zip(last, actual)))
+            last_member, last_start, last = self._unsettled[-1]
+            self._unsettled[-1] = (last_member, last_start, tuple(a + b for a, b in zip(last, actual)))
 
     def owe_offline(self, start: str, actual: tuple) -> None:
+        """A call admitted while the store was down (fail_open) used this."""
         self._owe("", start, actual)
 
     def _back_up(self) -> None:
-        """The store answers again: send what was settled while it was down."""
+        """The store answers again: the writer sends what was settled while it was down."""
         self._down_until = 0.0
+        if self._unsettled:
+            self._jobs().put(_RECONCILE)
+
+    # -- the writer thread ---------------------------------------------------------------------
+    def _jobs(self) -> queue.SimpleQueue:
+        """The writer's queue, started once per process (a forked child starts its own)."""
+        if self._writer_pid != os.getpid():
+            with self._lock:
+                if self._writer_pid != os.getpid():
+                    self._queue = queue.SimpleQueue()
+                    threading.Thread(target=self._write, args=(self._queue,), name="runguard-shared-budget",
+                                     daemon=True).start()
+                    self._writer_pid = os.getpid()
+        return self._queue
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the settles queued so far have reached the store (or were kept for later)."""
+        if self._writer_pid != os.getpid():
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def _write(self, jobs: queue.SimpleQueue) -> None:
+        renew_every = self.lease_s / 3
+        next_renewal = time.monotonic() + renew_every
+        while True:
+            try:
+                job = jobs.get(timeout=max(0.0, next_renewal - time.monotonic()))
+            except queue.Empty:
+                job = None
+            batch = [] if job is None else [job]
+            while batch and len(batch) < 256:
+                try:
+                    batch.append(jobs.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                settles = [job for job in batch if type(job) is tuple]
+                if settles:
+                    self._send(settles)
+                if _RECONCILE in batch or (self._unsettled and not self._down_until):
+                    self._reconcile()
+                if time.monotonic() >= next_renewal:
+                    next_renewal = time.monotonic() + renew_every
+                    self._renew()
+            except Exception as error:  # never let the writer die
+                log_once(("writer", self.name, type(error).__name__),
+                         "runguard: shared-budget writer error (%s: %s). Logged once.", type(error).__name__, error,
+                         exc_info=error)
+            for job in batch:
+                if type(job) is threading.Event:
+                    job.set()
+            if _STOP in batch:
+                return
+
+    def _settle_args(self, member: str, start: str, actual: tuple | None) -> list:
+        if actual is None:  # a release: drop the holds, charge nothing, check nothing
+            return [member, start, "", ""]
+        used = ",".join(f"{index}:{_amount(amount)}" for index, amount in enumerate(actual) if amount)
+        return [member, start, self._check_text, used]
+
+    def _send(self, settles: list) -> None:
+        """Settle a batch in one pipelined round trip; trips they open are recorded."""
+        script = self._scripts["settle"]
+        pipe = self._client.pipeline(transaction=False)
+        for (member, start), actual, _ in settles:
+            self._live.pop(member, None)
+            pipe.evalsha(script.sha, len(self._keys), *self._keys, *self._head,
+                         *self._settle_args(member, start, actual))
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except self._outage_error_types as error:
+            self._mark_down(error)
+            for (member, start), actual, _ in settles:
+                self._owe(member, start, actual or (0,) * len(COUNTERS))
+            return
+        for reply, ((member, start), actual, where) in zip(replies, settles):
+            if isinstance(reply, Exception):  # NOSCRIPT after a restart of the store: once more, loading it
+                try:
+                    reply = script(keys=self._keys, args=self._head + self._settle_args(member, start, actual))
+                except self._outage_error_types as error:
+                    self._mark_down(error)
+                    self._owe(member, start, actual or (0,) * len(COUNTERS))
+                    continue
+            if reply[1]:
+                _recording.tripped(self._trip(reply[1]), self.scope, where=where)
+
+    def _reconcile(self) -> None:
         with self._lock:
             owed, self._unsettled = self._unsettled, []
-        if owed:
-            logger.warning("runguard: the shared budget's store %s answers again; reconciling %d call(s)",
-                           self.shown_url, len(owed))
-        from . import _recording
-
-        for position, (lease_id, start, actual) in enumerate(owed):
+        if not owed:
+            return
+        logger.warning("runguard: the shared budget's store %s answers again; reconciling %d call(s)",
+                       self.shown_url, len(owed))
+        for position, (member, start, actual) in enumerate(owed):
             try:
-                reply = self._run("settle", [lease_id, start, *self._check_args, *map(_amount, actual)])
+                _, trip = self._run("settle", self._settle_args(member, start, actual))
             except self._outage_error_types as error:
                 with self._lock:
                     self._unsettled[:0] = owed[position:]
                 self._mark_down(error)
                 return
-            if len(reply) > 1:
-                _recording.tripped(self._trip(reply[1]), self.scope)
+            if trip:
+                _recording.tripped(self._trip(trip), self.scope)
 
-    # -- leases --------------------------------------------------------------------------------
-    def _renew_in_background(self) -> None:
-        if self._renewer_pid == os.getpid():
+    def _renew(self) -> None:
+        live = list(self._live)
+        if not live:
             return
-        with self._lock:
-            if self._renewer_pid == os.getpid():
-                return
-            self._renewer_pid = os.getpid()
-            threading.Thread(target=self._renew_loop, name="runguard-lease-renewer", daemon=True).start()
-
-    def _renew_loop(self) -> None:
-        while not self._closed.wait(self.lease_s / 3):
-            live = list(self._live)
-            if not live:
-                continue
-            try:
-                self._run("renew", live)
-            except Exception as error:  # the next reserve sees an outage; leases may lapse meanwhile
-                log_once(("renew", self.name, type(error).__name__),
-                         "runguard: could not renew shared-budget leases (%s: %s). Logged once.",
-                         type(error).__name__, error)
+        try:
+            self._run("renew", live)
+        except Exception as error:  # the next reserve sees an outage; leases may lapse meanwhile
+            log_once(("renew", self.name, type(error).__name__),
+                     "runguard: could not renew shared-budget leases (%s: %s). Logged once.",
+                     type(error).__name__, error)
 
     def close(self) -> None:
-        self._closed.set()
+        """Send what is queued (bounded wait), stop the writer, close the connections."""
+        self.flush(2.0)
+        if self._writer_pid == os.getpid():
+            self._queue.put(_STOP)
         try:
             self._client.close()
         except Exception:
             pass
+
+
+_RECONCILE = "reconcile"  # writer jobs besides settles (tuples) and flush markers (Events)
+_STOP = "stop"
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """Send this process's last settles before it exits (bounded: a dead store cannot hold it)."""
+    from ._runtime import RUNTIME
+
+    budget = getattr(RUNTIME.store, "budget", None)
+    if budget is not None:
+        budget.flush(2.0)
 
 
 class SharedStore:
@@ -544,10 +667,8 @@ class SharedStore:
             return ()
         trips = self.local.settle(reservation, actual, ok)
         if lease is not None:
-            if lease[0]:
-                trip = self.budget.settle(lease, actual)
-                if trip is not None:
-                    trips = (*trips, (self.budget.scope, trip))
+            if lease[0]:  # its trips are recorded by the writer, on this thread's run
+                self.budget.settle(lease, actual, _recording.active_run_info())
             else:  # admitted while the store was down (fail_open): owed to the budget
                 self.budget.owe_offline(lease[1], tuple(actual))
         return trips

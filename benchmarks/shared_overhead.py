@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""What a shared budget on Redis adds to an OpenAI chat call, next to the in-memory store.
+
+    python benchmarks/shared_overhead.py            # ~1 min; writes benchmarks/results-shared.md
+    python benchmarks/shared_overhead.py --quick    # ~15 s; writes benchmarks/results-shared-quick.md
+
+The parent starts a ``redis-server`` (Debian's package) and the package's
+``FakeOpenAIServer`` on 127.0.0.1, then measures in a child process (so neither server
+competes with the client for the GIL). In that one process, round after round with the
+order rotating, four arms are timed:
+
+- ``off``: runguard installed, switched off (``RUNTIME.enabled = False``);
+- ``memory``: runguard on, in-memory store only;
+- ``redis``: runguard on, every call also charging a shared budget in Redis
+  (``shared_max_calls`` and ``shared_max_cost_usd`` set, so each call holds and settles both);
+- ``ping``: one ``PING`` through the same redis-py client library (``redis.Redis.ping()``).
+
+The switch between arms is made outside the timed region, after the previous arm's
+background settle has been flushed. Then blocks of back-to-back calls per store (each
+settle overlapping the next call, as in an agent loop) give a second view. Reported: the median of each arm,
+the paired per-round differences (memory - off, redis - off, redis - memory) with 95% CIs,
+and the Redis round trips per call, read from Redis' own ``INFO commandstats`` (scripts
+received) over the redis arm. Targets: <= 2 round trips per call, and the redis arm's added
+median <= 2 x the PING median + the memory arm's added median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from time import perf_counter_ns
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+MODEL = "gpt-4o-mini"
+MESSAGES = [
+    {"role": "system", "content": "You are a terse assistant. Answer in one word."},
+    {"role": "user", "content": "Is the benchmark running?"},
+]
+ARMS = ("off", "memory", "redis", "ping")
+
+
+def median_us(samples) -> float:
+    return statistics.median(samples) / 1e3
+
+
+def median_ci_us(samples) -> tuple[float, float]:
+    """Distribution-free 95% CI of the median: order statistics n/2 -+ 0.98*sqrt(n)."""
+    values = sorted(samples)
+    n = len(values)
+    half = 0.98 * math.sqrt(n)
+    return values[max(0, math.floor(n / 2 - half))] / 1e3, values[min(n - 1, math.ceil(n / 2 + half))] / 1e3
+
+
+def script_calls(client) -> int:
+    stats = client.info("commandstats")
+    return sum(stats.get(name, {"calls": 0})["calls"] for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+# == child ===================================================================================
+def child(p: dict) -> dict:
+    import openai
+    import redis
+
+    import runguard_autolog as runguard
+    from runguard_autolog._runtime import RUNTIME
+
+    runguard.autolog(max_calls=math.inf, max_input_tokens=math.inf, max_output_tokens=math.inf,
+                     store=p["redis_url"], shared_budget="bench", shared_max_calls=10**12,
+                     shared_max_cost_usd=10**9)
+    shared, local = RUNTIME.store, RUNTIME.local
+    pinger = redis.Redis.from_url(p["redis_url"])
+    client = openai.OpenAI(base_url=p["base_url"], api_key="bench", max_retries=0)
+
+    def call():
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)
+
+    def setup(arm: str) -> None:
+        shared.budget.flush()  # the previous redis call's settle is not timed against another arm
+        RUNTIME.enabled = arm != "off"
+        RUNTIME.store = shared if arm == "redis" else local
+
+    def run(arm: str) -> int:
+        setup(arm)
+        start = perf_counter_ns()
+        if arm == "ping":
+            pinger.ping()
+        else:
+            call()
+        return perf_counter_ns() - start
+
+    samples = {arm: [] for arm in ARMS}
+    for i in range(p["warmup"] + p["rounds"]):
+        k = i % len(ARMS)
+        for arm in ARMS[k:] + ARMS[:k]:
+            elapsed = run(arm)
+            if i >= p["warmup"]:
+                samples[arm].append(elapsed)
+    # back to back: blocks of consecutive calls, so each settle (sent in the background) overlaps
+    # the next call as it does in an agent loop; blocks alternate between the two stores
+    blocks = {"memory": [], "redis": []}
+    for i in range(2 * p["blocks"]):
+        arm = ("memory", "redis")[i % 2]
+        setup(arm)
+        start = perf_counter_ns()
+        for _ in range(p["block_calls"]):
+            call()
+        blocks[arm].append((perf_counter_ns() - start) / p["block_calls"])
+    # round trips: the scripts Redis received over a block of redis-arm calls
+    setup("redis")
+    before = script_calls(pinger)
+    for _ in range(p["trip_calls"]):
+        call()
+    shared.budget.flush()
+    trips = (script_calls(pinger) - before) / p["trip_calls"]
+    setup("memory")
+    sent = (p["warmup"] + p["rounds"]) * 3 + 2 * p["blocks"] * p["block_calls"] + p["trip_calls"]
+    return {"samples": samples, "blocks": blocks, "round_trips_per_call": trips, "requests": sent}
+
+
+# == parent ==================================================================================
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (Debian package redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--dir", directory], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("redis-server did not start")
+
+
+def paired(a: list[int], b: list[int]) -> dict:
+    diffs = [x - y for x, y in zip(a, b)]
+    return {"added_us": median_us(diffs), "ci_us": median_ci_us(diffs)}
+
+
+def render(result: dict, quick: bool, seconds: float, redis_version: str) -> str:
+    import openai
+
+    s = result["samples"]
+    med = {arm: median_us(s[arm]) for arm in ARMS}
+    memory, redis_added, over_memory = paired(s["memory"], s["off"]), paired(s["redis"], s["off"]), \
+        paired(s["redis"], s["memory"])
+    ping = med["ping"]
+    allowed = 2 * ping + memory["added_us"]
+    trips = result["round_trips_per_call"]
+    verdict = lambda ok: "PASS" if ok else "**FAIL**"  # noqa: E731
+    ci = lambda r: f"{r['ci_us'][0]:.1f} to {r['ci_us'][1]:.1f}"  # noqa: E731
+    command = "python benchmarks/shared_overhead.py" + (" --quick" if quick else "")
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    lines = [
+        f"# Shared budget on Redis: added latency ({'quick' if quick else 'full'} run)", "",
+        f"{when}; {os.cpu_count()} CPUs ({platform.machine()}); Python {platform.python_version()}, "
+        f"openai {openai.__version__}, redis-server {redis_version}. `{command}` took {seconds:.0f} s; "
+        f"{len(s['off']):,} rounds. Figures are microseconds (us) per call.", "",
+        "## Targets", "",
+        "| target | measured | result |", "|---|---|---|",
+        f"| Redis round trips per call <= 2 | {trips:.2f} | {verdict(trips <= 2)} |",
+        f"| redis arm added median <= 2 x PING + memory arm added | {redis_added['added_us']:.1f} <= "
+        f"2 x {ping:.1f} + {memory['added_us']:.1f} = {allowed:.1f} | {verdict(redis_added['added_us'] <= allowed)} |",
+        "", "## Arms (one process, interleaved rounds)", "",
+        "| arm | median |", "|---|---:|",
+        *[f"| {arm} | {med[arm]:,.1f} |" for arm in ARMS],
+        "", "## Paired differences (per round)", "",
+        "| difference | median | 95% CI |", "|---|---:|---|",
+        f"| memory - off (runguard, in-memory store) | {memory['added_us']:.1f} | {ci(memory)} |",
+        f"| redis - off (runguard with a shared budget) | {redis_added['added_us']:.1f} | {ci(redis_added)} |",
+        f"| redis - memory (what the shared budget adds) | {over_memory['added_us']:.1f} | {ci(over_memory)} |",
+        "", f"## Back to back ({len(result['blocks']['redis'])} blocks of {result['block_calls']} consecutive "
+        "calls per store, alternating)", "",
+        "Each settle is sent by a background thread while the next call runs, as in an agent loop.", "",
+        "| store | median of block means |", "|---|---:|",
+        f"| memory | {statistics.median(result['blocks']['memory']) / 1e3:,.1f} |",
+        f"| redis | {statistics.median(result['blocks']['redis']) / 1e3:,.1f} |",
+        f"| redis - memory | {(statistics.median(result['blocks']['redis']) - statistics.median(result['blocks']['memory'])) / 1e3:,.1f} |",
+        "",
+        "A call with a shared budget waits for one script round trip (its reserve); its settle is "
+        "sent afterwards by a background thread, pipelined with others, so Redis receives two "
+        "scripts per call. Before each timed arm the previous settle is flushed (untimed), so no "
+        "arm is timed against another's background work. PING is one round trip through the same "
+        "client library (redis-py).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    from runguard_autolog.testing import FakeOpenAIServer
+
+    started = time.monotonic()
+    params = {"warmup": 100, "rounds": 600 if args.quick else 3000, "trip_calls": 200,
+              "blocks": 4 if args.quick else 10, "block_calls": 100}
+    with tempfile.TemporaryDirectory() as directory, FakeOpenAIServer() as server:
+        redis_proc, url = start_redis(directory)
+        try:
+            version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("RUNGUARD_")}
+            env["_RUNGUARD_STRICT"] = "1"
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
+                                   json.dumps({**params, "redis_url": url, "base_url": server.base_url})],
+                                  capture_output=True, text=True, env=env, timeout=1800)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr[-4000:])
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            result["block_calls"] = params["block_calls"]
+            if server.count() != result["requests"]:
+                raise SystemExit(f"sent {result['requests']} requests but the server received {server.count()}")
+        finally:
+            redis_proc.kill()
+            redis_proc.wait(10)
+    report = render(result, args.quick, time.monotonic() - started, version.removeprefix("v="))
+    print(report)
+    (HERE / ("results-shared-quick.md" if args.quick else "results-shared.md")).write_text(report)
+
+
+if __name__ == "__main__":
+    main()
