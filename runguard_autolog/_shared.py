@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import collections
 import json
 import os
-import queue
+import re
 import socket
 import threading
 import time
@@ -56,6 +57,7 @@ from ._store import COUNTER_OF_LIMIT, COUNTERS, LIMIT_OF_COUNTER, Refusal, Trip,
 CONNECT_TIMEOUT_S = 0.25
 READ_TIMEOUT_S = 0.25
 REPROBE_S = 1.0  # while the store is down, try it again at most this often
+SETTLE_DELAY_S = 0.05  # a settle no call carries within this is sent on its own
 RECLAIM_PER_CALL = 32  # expired leases a reservation reclaims (amortised O(1))
 MAX_UNSETTLED = 10_000  # settles kept for reconciliation while the store is down
 
@@ -108,6 +110,20 @@ local function unhold(v, held, dirty)
     dirty[h[1] + 8] = true
   end
 end
+-- one call's usage "<index>:<amount>,..." into counters v, its lease's holds dropped
+local function settle_into(v, dirty, held, usage)
+  if held then unhold(v, held, dirty) end
+  for index, amount in string.gmatch(usage, '(%d):([^:,]+)') do
+    index = tonumber(index)
+    v[index + 1] = v[index + 1] + tonumber(amount)
+    dirty[index + 1] = true
+  end
+end
+-- the lease's window start and holds, or nil when it is gone (reclaimed after its expiry)
+local function take_lease(member)
+  if member ~= '' and redis.call('ZREM', KEYS[1], member) == 1 then return lease_parts(member) end
+  return nil, nil
+end
 local function trip_of(index, threshold_text, observed, forecast, v)
   return cjson.encode({index, threshold_text, observed, forecast, {v[1], v[2], v[3], v[4], v[5], v[6], v[7]}})
 end
@@ -127,11 +143,13 @@ local function refusal(wkey, v, index, threshold_text, wanted)
 end
 """
 
-# ARGV[2] lease id, ARGV[3] enforce (1/0), ARGV[4] checks "<index>:<threshold>:<forecast>,...".
-# Reclaims expired leases, then checks and holds. Returns the window start (an integer) when
-# admitted (the lease is then "<id>|<start>|<index>=<forecast>|..." for each check), else
-# {status, start, lease or false, trip, sticky}: status 0 tripped before, 2 refused (nothing
-# held), 3 over a limit but held anyway (shadow mode).
+# ARGV[2] lease id, ARGV[3] enforce (1/0), ARGV[4] checks "<index>:<threshold>:<forecast>,...",
+# ARGV[5] settles of this process's earlier calls carried by this round trip,
+# "<lease>~<window start>~<usage>;...". Reclaims expired leases, applies the settles, then
+# checks and holds. Returns the window start (an integer) when admitted (the lease is then
+# "<id>|<start>|<index>=<forecast>|..." for each check), else {status, start, lease or false,
+# trip, sticky, opened}: status 0 tripped before (opened: 1 when a carried settle tripped it),
+# 2 refused (nothing held), 3 over a limit but held anyway (shadow mode).
 _RESERVE = _PRELUDE + """
 local seconds, now = clock()
 local start = window_start(seconds)
@@ -154,6 +172,30 @@ local checks = {}
 for index, threshold, amount in string.gmatch(ARGV[4], '(%d):([^:,]+):([^:,]+)') do
   checks[#checks + 1] = {tonumber(index), threshold, amount}
 end
+local opened = 0
+if ARGV[5] ~= '' then
+  for member, fallback, usage in string.gmatch(ARGV[5], '([^~;]*)~([^~;]*)~([^~;]*)') do
+    local settle_start, held = take_lease(member)
+    settle_start = settle_start or fallback
+    if settle_start == start then
+      settle_into(v, dirty, held, usage)
+    else  -- a call of an earlier window
+      local other, other_dirty = load(key(settle_start)), {}
+      settle_into(other, other_dirty, held, usage)
+      save(key(settle_start), settle_start, other, other_dirty)
+    end
+  end
+  if not v.trip then
+    for _, c in ipairs(checks) do
+      if v[c[1] + 1] >= tonumber(c[2]) then
+        v.trip = trip_of(c[1], c[2], v[c[1] + 1], 0, v)
+        redis.call('HSET', wkey, 'trip', v.trip)
+        opened = 1
+        break
+      end
+    end
+  end
+end
 local status, trip, sticky = 1, false, 0
 if v.trip then
   status, trip = 0, v.trip
@@ -169,7 +211,7 @@ else
 end
 if status ~= 1 and ARGV[3] == '1' then
   save(wkey, start, v, dirty)
-  return {status, start, false, trip, sticky}
+  return {status, start, false, trip, sticky, opened}
 end
 local member = ARGV[2] .. '|' .. start
 for _, c in ipairs(checks) do
@@ -181,7 +223,7 @@ save(wkey, start, v, dirty)
 redis.call('ZADD', KEYS[1], now + lease_ms, member)
 if status == 1 then return tonumber(start) end
 if status == 2 then status = 3 end
-return {status, start, member, trip, sticky}
+return {status, start, member, trip, sticky, opened}
 """.replace("RECLAIM_PER_CALL", str(RECLAIM_PER_CALL))
 
 # ARGV[2] lease ('' for none), ARGV[3] window start to charge when the lease is gone ('' for the
@@ -189,20 +231,14 @@ return {status, start, member, trip, sticky}
 # Drops the lease's holds (unless it was reclaimed meanwhile), adds the usage, and trips a
 # limit it reached. Returns {start, trip or false} (a trip this settle opened).
 _SETTLE = _PRELUDE + """
-local member, start, held = ARGV[2], nil, nil
-if member ~= '' and redis.call('ZREM', KEYS[1], member) == 1 then start, held = lease_parts(member) end
+local start, held = take_lease(ARGV[2])
 if not start then
   if ARGV[3] ~= '' then start = ARGV[3] else start = window_start(clock()) end
 end
 local wkey = key(start)
 local v = load(wkey)
 local dirty = {}
-if held then unhold(v, held, dirty) end
-for index, amount in string.gmatch(ARGV[5], '(%d):([^:,]+)') do
-  index = tonumber(index)
-  v[index + 1] = v[index + 1] + tonumber(amount)
-  dirty[index + 1] = true
-end
+settle_into(v, dirty, held, ARGV[5])
 save(wkey, start, v, dirty)
 if v.trip then return {start, false} end
 for index, threshold in string.gmatch(ARGV[4], '(%d):([^:,]+)') do
@@ -321,6 +357,12 @@ def connect(url: str):
     )
 
 
+def _no_script_error() -> type:
+    import redis
+
+    return redis.exceptions.NoScriptError
+
+
 def _outage_errors() -> tuple:
     import redis
 
@@ -328,7 +370,14 @@ def _outage_errors() -> tuple:
 
 
 class SharedBudget:
-    """One named budget in Redis: reserve/settle/release/retry for the calls of this process."""
+    """One named budget in Redis: reserve/settle/release/retry for the calls of this process.
+
+    NB: a call waits for one round trip, its reserve. Its settle is queued and carried by the
+    next reserve of this process (the same script applies it first), or, when no call follows
+    within ``SETTLE_DELAY_S``, sent by the writer thread, pipelined with others. Until a settle
+    lands the call's hold stays reserved, so a late settle can only make the budget refuse
+    sooner, never overshoot.
+    """
 
     def __init__(self, name: str, url: str, limits: dict[str, float], window: int | None = None,
                  outage: str = "fail_closed", lease_s: float = 30.0) -> None:
@@ -338,9 +387,9 @@ class SharedBudget:
         self.scope = SharedScope(self)
         self.limits = dict(limits)
         self.checks = tuple(
-            (COUNTER_OF_LIMIT[limit[len("shared_"):]], value) for limit, value in limits.items() if value != INF
+            (COUNTER_OF_LIMIT[limit[len("shared_"):]], _amount(value))
+            for limit, value in limits.items() if value != INF
         )
-        self.checks = tuple((index, _amount(threshold)) for index, threshold in self.checks)
         self._check_text = ",".join(f"{index}:{threshold}" for index, threshold in self.checks)
         self.window = window or 0
         self.outage = outage
@@ -355,18 +404,33 @@ class SharedBudget:
             for name, source in (("reserve", _RESERVE), ("settle", _SETTLE), ("retry", _RETRY),
                                  ("renew", _RENEW), ("snapshot", _SNAPSHOT), ("reset", _RESET))
         }
+        self._reserve_sha = self._scripts["reserve"].sha
+        self._no_script = _no_script_error()
         self._ids = itertools.count(1)
-        self._host = socket.gethostname()[:64].replace("|", "-")
+        self._host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64]
         self._down_until = 0.0
         self._lock = threading.Lock()
-        self._live: dict[str, None] = {}  # leases of calls running here (renewed)
+        self._live: dict[str, None] = {}  # leases of calls running here (renewed by the writer)
+        self._pending: collections.deque = collections.deque()  # settles not yet sent: (lease, actual, where)
+        self._sending = 0  # settles taken from _pending whose reply has not arrived
+        self._sent = threading.Condition(self._lock)
         self._unsettled: list[tuple[str, str, tuple]] = []  # settles the store did not receive
+        self._reconcile_due = False
+        self._wake = threading.Event()
+        self._stopping = False
         self._writer_pid = None
-        self._queue: queue.SimpleQueue | None = None
 
     # -- store calls ---------------------------------------------------------------------
     def _run(self, script: str, args: list) -> Any:
         return self._scripts[script](keys=self._keys, args=self._head + args)
+
+    def _reserve(self, args: list) -> Any:
+        """The reserve script, called without redis-py's Script wrapper (this is the one round
+        trip a call waits for: fewer Python frames)."""
+        try:
+            return self._client.execute_command("EVALSHA", self._reserve_sha, 1, self._keys[0], self._head[0], *args)
+        except self._no_script:  # the store restarted (or never saw it): load it, once more
+            return self._run("reserve", args)
 
     def reserve(self, reservation, enforce: bool) -> Refusal | None:
         """Hold this call's forecast in the budget, or say why it is refused."""
@@ -377,10 +441,16 @@ class SharedBudget:
         holds = [(index, threshold, _amount(forecast[index])) for index, threshold in self.checks]
         lease_id = f"{self._host}:{os.getpid()}:{next(self._ids)}"
         checks = ",".join(f"{index}:{threshold}:{amount}" for index, threshold, amount in holds)
+        carried = self._take_pending(64) if self._pending else ()
         try:
-            reply = self._run("reserve", [lease_id, "1" if enforce else "0", checks])
+            reply = self._reserve([lease_id, "1" if enforce else "0", checks,
+                                   ";".join(f"{m}~{s}~{_usage(a)}" for (m, s), a, _ in carried)])
         except self._outage_error_types as error:
+            self._owe_all(carried)
             return self._outage(reservation, error)
+        finally:
+            if carried:
+                self._done_sending(len(carried))
         if self._down_until:
             self._back_up()
         if type(reply) is int:  # admitted: the lease is what the script recorded
@@ -388,29 +458,29 @@ class SharedBudget:
             member = f"{lease_id}|{start}" + "".join(f"|{index}={amount}" for index, _, amount in holds)
             status = 1
         else:
-            status, start, member, trip, sticky = reply
+            status, start, member, trip, sticky, opened = reply
             start, member = start.decode(), member and member.decode()
         if member:
             reservation.lease = (member, start)
             self._live[member] = None
-            self._jobs()  # the writer renews leases
+            self._start_writer()
         if status == 1:
             return None
         if status == 0:
-            return Refusal(self.scope, self._trip(trip), True, False)
+            return Refusal(self.scope, self._trip(trip), True, bool(opened))
         return Refusal(self.scope, self._trip(trip), bool(sticky), bool(sticky))
 
-    # NB: settles and releases are sent by the writer thread, pipelined: a call waits for one
-    # round trip (its reserve). Until its settle lands, a call's hold stays reserved, so a
-    # late settle can only make the budget refuse sooner, never overshoot.
     def settle(self, lease: tuple, actual: tuple, where: Any = None) -> None:
-        """Drop the lease's holds and charge what the call used (sent in the background; a trip
-        it opens is recorded on the MLflow run ``where`` names)."""
-        self._jobs().put((lease, tuple(actual), where))
+        """Drop the lease's holds and charge what the call used (queued: see the class note; a
+        trip it opens is recorded on the MLflow run ``where`` names)."""
+        self._live.pop(lease[0], None)
+        self._pending.append((lease, tuple(actual), where))
+        self._start_writer()
+        self._wake.set()
 
     def release(self, lease: tuple) -> None:
-        """The call never left the process: drop its holds (sent in the background)."""
-        self._jobs().put((lease, None, None))
+        """The call never left the process: drop its holds (queued like a settle)."""
+        self.settle(lease, (), None)
 
     def retry(self, lease: tuple, seconds: float) -> Refusal | None:
         _, start = lease
@@ -445,6 +515,68 @@ class SharedBudget:
         return Trip(trip.scope, trip.limit, trip.threshold, trip.observed,
                     f"shared budget {self.name!r}: {trip.reason}", trip.used)
 
+    # -- settles in flight -------------------------------------------------------------------
+    def _take_pending(self, most: int | None = None) -> list:
+        """Take queued settles to send (counted until their reply arrives, for flush)."""
+        taken = []
+        with self._lock:
+            while self._pending and (most is None or len(taken) < most):
+                taken.append(self._pending.popleft())
+            self._sending += len(taken)
+        return taken
+
+    def _done_sending(self, count: int) -> None:
+        with self._sent:
+            self._sending -= count
+            self._sent.notify_all()
+
+    def _send(self, settles: list) -> None:
+        """Settle a batch in one pipelined round trip; trips they open are recorded."""
+        script = self._scripts["settle"]
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for (member, start), actual, _ in settles:
+                pipe.evalsha(script.sha, len(self._keys), *self._keys, *self._head,
+                             *self._settle_args(member, start, actual))
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except self._outage_error_types as error:
+                self._mark_down(error)
+                self._owe_all(settles)
+                return
+            for reply, ((member, start), actual, where) in zip(replies, settles):
+                if isinstance(reply, Exception):  # NOSCRIPT after a restart of the store: once more, loading it
+                    try:
+                        reply = script(keys=self._keys, args=self._head + self._settle_args(member, start, actual))
+                    except self._outage_error_types as error:
+                        self._mark_down(error)
+                        self._owe(member, start, actual)
+                        continue
+                if reply[1]:
+                    _recording.tripped(self._trip(reply[1]), self.scope, where=where)
+        finally:
+            self._done_sending(len(settles))
+
+    def _settle_args(self, member: str, start: str, actual: tuple) -> list:
+        if not actual:  # a release: drop the holds, charge nothing, check nothing
+            return [member, start, "", ""]
+        return [member, start, self._check_text, _usage(actual)]
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Send the queued settles now and wait for those already on their way (bounded)."""
+        deadline = time.monotonic() + timeout
+        if self._pending:
+            self._send(self._take_pending())
+        if self._unsettled and (not self._down_until or time.monotonic() >= self._down_until):
+            self._reconcile()
+        with self._sent:
+            while self._sending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._sent.wait(left)
+        return not self._pending
+
     # -- outage ------------------------------------------------------------------------------
     def _mark_down(self, error: BaseException) -> None:
         self._down_until = time.monotonic() + REPROBE_S
@@ -476,104 +608,27 @@ class SharedBudget:
                 return
             # past the bound: fold usage into the last entry; the dropped lease expires on its own
             last_member, last_start, last = self._unsettled[-1]
-            self._unsettled[-1] = (last_member, last_start, tuple(a + b for a, b in zip(last, actual)))
+            folded = tuple(a + b for a, b in zip(last or (0,) * len(COUNTERS), actual or (0,) * len(COUNTERS)))
+            self._unsettled[-1] = (last_member, last_start, folded)
+
+    def _owe_all(self, settles) -> None:
+        for (member, start), actual, _ in settles:
+            self._owe(member, start, actual)
 
     def owe_offline(self, start: str, actual: tuple) -> None:
         """A call admitted while the store was down (fail_open) used this."""
-        self._owe("", start, actual)
+        self._owe("", start, tuple(actual))
 
     def _back_up(self) -> None:
         """The store answers again: the writer sends what was settled while it was down."""
         self._down_until = 0.0
         if self._unsettled:
-            self._jobs().put(_RECONCILE)
-
-    # -- the writer thread ---------------------------------------------------------------------
-    def _jobs(self) -> queue.SimpleQueue:
-        """The writer's queue, started once per process (a forked child starts its own)."""
-        if self._writer_pid != os.getpid():
-            with self._lock:
-                if self._writer_pid != os.getpid():
-                    self._queue = queue.SimpleQueue()
-                    threading.Thread(target=self._write, args=(self._queue,), name="runguard-shared-budget",
-                                     daemon=True).start()
-                    self._writer_pid = os.getpid()
-        return self._queue
-
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until the settles queued so far have reached the store (or were kept for later)."""
-        if self._writer_pid != os.getpid():
-            return True
-        done = threading.Event()
-        self._queue.put(done)
-        return done.wait(timeout)
-
-    def _write(self, jobs: queue.SimpleQueue) -> None:
-        renew_every = self.lease_s / 3
-        next_renewal = time.monotonic() + renew_every
-        while True:
-            try:
-                job = jobs.get(timeout=max(0.0, next_renewal - time.monotonic()))
-            except queue.Empty:
-                job = None
-            batch = [] if job is None else [job]
-            while batch and len(batch) < 256:
-                try:
-                    batch.append(jobs.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                settles = [job for job in batch if type(job) is tuple]
-                if settles:
-                    self._send(settles)
-                if _RECONCILE in batch or (self._unsettled and not self._down_until):
-                    self._reconcile()
-                if time.monotonic() >= next_renewal:
-                    next_renewal = time.monotonic() + renew_every
-                    self._renew()
-            except Exception as error:  # never let the writer die
-                log_once(("writer", self.name, type(error).__name__),
-                         "runguard: shared-budget writer error (%s: %s). Logged once.", type(error).__name__, error,
-                         exc_info=error)
-            for job in batch:
-                if type(job) is threading.Event:
-                    job.set()
-            if _STOP in batch:
-                return
-
-    def _settle_args(self, member: str, start: str, actual: tuple | None) -> list:
-        if actual is None:  # a release: drop the holds, charge nothing, check nothing
-            return [member, start, "", ""]
-        used = ",".join(f"{index}:{_amount(amount)}" for index, amount in enumerate(actual) if amount)
-        return [member, start, self._check_text, used]
-
-    def _send(self, settles: list) -> None:
-        """Settle a batch in one pipelined round trip; trips they open are recorded."""
-        script = self._scripts["settle"]
-        pipe = self._client.pipeline(transaction=False)
-        for (member, start), actual, _ in settles:
-            self._live.pop(member, None)
-            pipe.evalsha(script.sha, len(self._keys), *self._keys, *self._head,
-                         *self._settle_args(member, start, actual))
-        try:
-            replies = pipe.execute(raise_on_error=False)
-        except self._outage_error_types as error:
-            self._mark_down(error)
-            for (member, start), actual, _ in settles:
-                self._owe(member, start, actual or (0,) * len(COUNTERS))
-            return
-        for reply, ((member, start), actual, where) in zip(replies, settles):
-            if isinstance(reply, Exception):  # NOSCRIPT after a restart of the store: once more, loading it
-                try:
-                    reply = script(keys=self._keys, args=self._head + self._settle_args(member, start, actual))
-                except self._outage_error_types as error:
-                    self._mark_down(error)
-                    self._owe(member, start, actual or (0,) * len(COUNTERS))
-                    continue
-            if reply[1]:
-                _recording.tripped(self._trip(reply[1]), self.scope, where=where)
+            self._reconcile_due = True
+            self._start_writer()
+            self._wake.set()
 
     def _reconcile(self) -> None:
+        self._reconcile_due = False
         with self._lock:
             owed, self._unsettled = self._unsettled, []
         if not owed:
@@ -591,6 +646,40 @@ class SharedBudget:
             if trip:
                 _recording.tripped(self._trip(trip), self.scope)
 
+    # -- the writer thread ---------------------------------------------------------------------
+    def _start_writer(self) -> None:
+        """One writer per process (a forked child starts its own)."""
+        if self._writer_pid != os.getpid():
+            with self._lock:
+                if self._writer_pid != os.getpid():
+                    self._writer_pid = os.getpid()
+                    self._pending.clear()  # a forked child does not send its parent's settles
+                    self._sending = 0
+                    threading.Thread(target=self._write, name="runguard-shared-budget", daemon=True).start()
+
+    def _write(self) -> None:
+        """Send settles no call carried within ``SETTLE_DELAY_S``, reconcile after an outage,
+        and renew the leases of calls still running."""
+        renew_every = self.lease_s / 3
+        next_renewal = time.monotonic() + renew_every
+        while not self._stopping:
+            self._wake.wait(max(0.0, next_renewal - time.monotonic()))
+            self._wake.clear()
+            try:
+                if self._pending:
+                    time.sleep(SETTLE_DELAY_S)  # the next call usually carries them
+                    if self._pending:
+                        self._send(self._take_pending())
+                if self._reconcile_due and not self._down_until:
+                    self._reconcile()
+                if time.monotonic() >= next_renewal:
+                    next_renewal = time.monotonic() + renew_every
+                    self._renew()
+            except Exception as error:  # never let the writer die
+                log_once(("writer", self.name, type(error).__name__),
+                         "runguard: shared-budget writer error (%s: %s). Logged once.", type(error).__name__, error,
+                         exc_info=error)
+
     def _renew(self) -> None:
         live = list(self._live)
         if not live:
@@ -604,17 +693,21 @@ class SharedBudget:
 
     def close(self) -> None:
         """Send what is queued (bounded wait), stop the writer, close the connections."""
-        self.flush(2.0)
-        if self._writer_pid == os.getpid():
-            self._queue.put(_STOP)
+        try:
+            self.flush(2.0)
+        except Exception:
+            pass
+        self._stopping = True
+        self._wake.set()
         try:
             self._client.close()
         except Exception:
             pass
 
 
-_RECONCILE = "reconcile"  # writer jobs besides settles (tuples) and flush markers (Events)
-_STOP = "stop"
+def _usage(actual: tuple) -> str:
+    """A call's usage as scripts read it: "<index>:<amount>,..." for each non-zero counter."""
+    return ",".join(f"{index}:{_amount(amount)}" for index, amount in enumerate(actual) if amount)
 
 
 @atexit.register
@@ -624,7 +717,10 @@ def _flush_at_exit() -> None:
 
     budget = getattr(RUNTIME.store, "budget", None)
     if budget is not None:
-        budget.flush(2.0)
+        try:
+            budget.flush(2.0)
+        except Exception:
+            pass
 
 
 class SharedStore:

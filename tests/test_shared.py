@@ -144,20 +144,33 @@ def test_cost_budget_with_max_tokens_never_overshoots(server, redis_url, name):
     assert {r[0] for res in results for r in res["refused"]} == {"shared_max_cost_usd"}
 
 
-def test_a_call_costs_two_round_trips_and_a_local_refusal_none(client, server, redis_url, name):
+def test_a_call_waits_for_one_round_trip_and_a_local_refusal_for_none(client, server, redis_url, name):
     runguard.autolog(store=redis_url, shared_budget=name, shared_max_calls=100, max_calls=6)
     chat(client)  # loads the scripts
+    runguard.flush()
     before = script_calls(redis_url)
     for _ in range(5):
         chat(client)
-    runguard.flush()  # settles are sent in the background
-    assert script_calls(redis_url) - before == 10
+    # each call's reserve carries the previous call's settle; the last settle waits for a flush
+    assert script_calls(redis_url) - before == 5
+    runguard.flush()
+    assert script_calls(redis_url) - before == 6
     with pytest.raises(runguard.RunGuardTripped) as refused:
         chat(client)  # the process' own max_calls refuses it first: no round trip
     assert refused.value.scope == "process"
     runguard.flush()
-    assert script_calls(redis_url) - before == 10
-    assert runguard.current_shared().calls == 6
+    assert script_calls(redis_url) - before == 6
+    snapshot = runguard.current_shared()
+    assert (snapshot.calls, snapshot.in_flight) == (6, 0)
+
+
+def test_an_idle_settle_is_sent_on_its_own(client, server, redis_url, name):
+    runguard.autolog(store=redis_url, shared_budget=name, shared_max_calls=100)
+    chat(client)
+    time.sleep(_shared.SETTLE_DELAY_S + 0.5)  # no call follows to carry it: the writer sends it
+    budget = runguard._runtime.RUNTIME.store.budget
+    start, in_flight, used, trip = budget.snapshot()  # no flush here
+    assert (used[0], in_flight) == (1, 0)
 
 
 # -- sticky for every process, reset from the CLI ---------------------------------------------
