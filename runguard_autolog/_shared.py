@@ -469,6 +469,8 @@ class SharedBudget:
         holds = [(index, threshold, _amount(forecast[index])) for index, threshold in self.checks]
         lease_id = f"{self._host}:{_PID[0]}:{next(self._ids)}"
         checks = ",".join(f"{index}:{threshold}:{amount}" for index, threshold, amount in holds)
+        if self._writer_pid != _PID[0]:
+            self._start_writer()
         carried = self._take_pending(64) if self._pending else ()
         try:
             reply = self._reserve([lease_id, "1" if enforce else "0", checks,
@@ -682,8 +684,12 @@ class SharedBudget:
             with self._lock:
                 if self._writer_pid != _PID[0]:
                     self._writer_pid = _PID[0]
-                    self._pending.clear()  # a forked child does not send its parent's settles
+                    # a forked child sends none of its parent's settles, nor renews its leases
+                    self._pending.clear()
+                    self._live.clear()
+                    self._unsettled.clear()
                     self._sending = 0
+                    self._writer_parked = True
                     threading.Thread(target=self._write, name="runguard-shared-budget", daemon=True).start()
 
     def _write(self) -> None:

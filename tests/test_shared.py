@@ -123,6 +123,28 @@ def test_fifty_async_tasks_against_a_shared_ceiling_of_ten(server, redis_url, na
     assert not [o for o in outcomes if isinstance(o, BaseException) and o not in refused]
 
 
+def _forked_worker(calls: int, base_url: str) -> int:
+    client = openai.OpenAI(base_url=base_url, api_key="test", max_retries=0)
+    for _ in range(calls):
+        chat(client)
+    runguard.flush()
+    return calls
+
+
+def test_forked_children_never_send_their_parents_settles(server, redis_url, name):
+    import multiprocessing
+
+    runguard.autolog(store=redis_url, shared_budget=name, shared_max_calls=100, max_calls=math.inf)
+    client = openai.OpenAI(base_url=server.base_url, api_key="test", max_retries=0)
+    chat(client)
+    chat(client)  # its settle is still queued when the children are forked
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        assert pool.starmap(_forked_worker, [(3, server.base_url)] * 2) == [3, 3]
+    snapshot = runguard.current_shared()
+    assert server.count() == 8
+    assert (snapshot.calls, snapshot.in_flight) == (8, 0)
+
+
 def test_cost_budget_with_max_tokens_never_overshoots(server, redis_url, name):
     server.default = Reply(content=" ".join(["word"] * 200))  # every reply runs to the cap
     per_call = float(calc_price(Usage(input_tokens=10, output_tokens=40), MODEL).total_price)
