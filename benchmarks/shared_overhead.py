@@ -163,6 +163,13 @@ def paired(a: list[int], b: list[int]) -> dict:
     return {"added_us": median_us(diffs), "ci_us": median_ci_us(diffs)}
 
 
+def provenance() -> str:
+    sys.path.insert(0, str(HERE))
+    from overhead import provenance as package_provenance
+
+    return package_provenance()
+
+
 def render(result: dict, quick: bool, seconds: float, redis_version: str) -> str:
     import openai
 
@@ -180,7 +187,7 @@ def render(result: dict, quick: bool, seconds: float, redis_version: str) -> str
     lines = [
         f"# Shared budget on Redis: added latency ({'quick' if quick else 'full'} run)", "",
         f"{when}; {os.cpu_count()} CPUs ({platform.machine()}); Python {platform.python_version()}, "
-        f"openai {openai.__version__}, redis-server {redis_version}. `{command}` took {seconds:.0f} s; "
+        f"openai {openai.__version__}, redis-server {redis_version}; {provenance()}. `{command}` took {seconds:.0f} s; "
         f"{len(s['off']):,} rounds. Figures are microseconds (us) per call.", "",
         "## Targets", "",
         "| target | measured | result |", "|---|---|---|",
