@@ -43,6 +43,9 @@ from time import perf_counter_ns
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from overhead import median_ci_us, median_us, provenance  # noqa: E402  (the same statistics)
 
 MODEL = "gpt-4o-mini"
 MESSAGES = [
@@ -50,18 +53,6 @@ MESSAGES = [
     {"role": "user", "content": "Is the benchmark running?"},
 ]
 ARMS = ("off", "memory", "redis", "ping")
-
-
-def median_us(samples) -> float:
-    return statistics.median(samples) / 1e3
-
-
-def median_ci_us(samples) -> tuple[float, float]:
-    """Distribution-free 95% CI of the median: order statistics n/2 -+ 0.98*sqrt(n)."""
-    values = sorted(samples)
-    n = len(values)
-    half = 0.98 * math.sqrt(n)
-    return values[max(0, math.floor(n / 2 - half))] / 1e3, values[min(n - 1, math.ceil(n / 2 + half))] / 1e3
 
 
 def script_calls(client) -> int:
@@ -161,13 +152,6 @@ def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
 def paired(a: list[int], b: list[int]) -> dict:
     diffs = [x - y for x, y in zip(a, b)]
     return {"added_us": median_us(diffs), "ci_us": median_ci_us(diffs)}
-
-
-def provenance() -> str:
-    sys.path.insert(0, str(HERE))
-    from overhead import provenance as package_provenance
-
-    return package_provenance()
 
 
 def render(result: dict, quick: bool, seconds: float, redis_version: str) -> str:

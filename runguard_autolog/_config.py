@@ -240,28 +240,18 @@ def resolve(keywords: Mapping[str, Any], environ: Mapping[str, str] | None = Non
     environ = os.environ if environ is None else environ
     settings: dict[str, Setting] = {}
     for name, (_, default) in LIMITS.items():
-        given = keywords.get(name)
-        if given is not None:
-            settings[name] = Setting(parse_keyword(name, given), "keyword")
-        elif env_name(name) in environ:
-            settings[name] = Setting(parse_env_value(name, environ[env_name(name)]), "environment")
-        else:
-            settings[name] = Setting(default, "default")
-    if keywords.get("on_trip") is not None:
-        settings["on_trip"] = Setting(parse_on_trip(keywords["on_trip"]), "keyword")
-    elif "RUNGUARD_ON_TRIP" in environ:
-        settings["on_trip"] = Setting(parse_on_trip(environ["RUNGUARD_ON_TRIP"], "RUNGUARD_ON_TRIP"), "environment")
-    else:
-        settings["on_trip"] = Setting("raise", "default")
-    if keywords.get("artifact_breach") is not None:
-        settings["artifact_breach"] = Setting(parse_artifact_breach(keywords["artifact_breach"]), "keyword")
-    elif "RUNGUARD_ARTIFACT_BREACH" in environ:
-        settings["artifact_breach"] = Setting(
-            parse_artifact_breach(environ["RUNGUARD_ARTIFACT_BREACH"], "RUNGUARD_ARTIFACT_BREACH"), "environment")
-    else:
-        settings["artifact_breach"] = Setting("consolidate", "default")
+        _pick(keywords, environ, settings, name, _parse_limit, default)
+    _pick(keywords, environ, settings, "on_trip", parse_on_trip, "raise")
+    _pick(keywords, environ, settings, "artifact_breach", parse_artifact_breach, "consolidate")
     _resolve_shared(keywords, environ, settings)
     return settings
+
+
+def _parse_limit(value: Any, where: str) -> float:
+    """A limit from a keyword (``where`` is its name) or from its variable's text."""
+    if where.startswith("RUNGUARD_"):
+        return parse_env_value(where[len("RUNGUARD_"):].lower(), value)
+    return parse_keyword(where, value)
 
 
 def _pick(keywords, environ, settings, name: str, parse: Callable[[Any, str], Any], default: Any) -> None:
@@ -279,13 +269,7 @@ def _resolve_shared(keywords, environ, settings: dict[str, Setting]) -> None:
     _pick(keywords, environ, settings, "store", parse_store, "memory")
     _pick(keywords, environ, settings, "shared_budget", parse_budget_name, None)
     for name, (_, default) in SHARED_LIMITS.items():
-        given = keywords.get(name)
-        if given is not None:
-            settings[name] = Setting(parse_keyword(name, given), "keyword")
-        elif env_name(name) in environ:
-            settings[name] = Setting(parse_env_value(name, environ[env_name(name)]), "environment")
-        else:
-            settings[name] = Setting(default, "default")
+        _pick(keywords, environ, settings, name, _parse_limit, default)
     _pick(keywords, environ, settings, "shared_window", parse_window, None)
     _pick(keywords, environ, settings, "store_outage", parse_outage, "fail_closed")
     _pick(keywords, environ, settings, "shared_lease_s", parse_lease, DEFAULT_LEASE_S)
