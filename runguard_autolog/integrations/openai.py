@@ -17,6 +17,7 @@ from openai.types import CompletionUsage
 
 from .. import pricing, tokens
 from .._attempts import Reader, async_attempt, sync_attempt
+from .._fastpath import make_chat_guard
 from .._patching import PatchSpec
 
 NAME = "openai"
@@ -277,7 +278,9 @@ PATCHES: tuple[PatchSpec, ...] = (
     # every HTTP attempt, the client's own retries included (see _attempts)
     PatchSpec("openai._base_client", "SyncAPIClient._send_request", wrapper=sync_attempt(_READER)),
     PatchSpec("openai._base_client", "AsyncAPIClient._send_request", wrapper=async_attempt(_READER)),
-    PatchSpec("openai.resources.chat.completions", "Completions.create", CHAT, is_async=False),
+    # the commonest call has a one-frame fast path (see _fastpath); everything else is general
+    PatchSpec("openai.resources.chat.completions", "Completions.create", CHAT, is_async=False,
+              wrapper=make_chat_guard(CHAT)),
     PatchSpec("openai.resources.chat.completions", "Completions.parse", CHAT, is_async=False),
     PatchSpec("openai.resources.chat.completions", "AsyncCompletions.create", CHAT, is_async=True),
     PatchSpec("openai.resources.chat.completions", "AsyncCompletions.parse", CHAT, is_async=True),
