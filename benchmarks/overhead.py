@@ -275,10 +275,10 @@ def direct_guard_pairs(hook: str, set_switch, client, pairs: int, warmup: int = 
     from openai.types.chat import ChatCompletion
 
     if hook == "runguard":
-        from runguard_autolog._guard import make_sync_guard
+        from runguard_autolog._fastpath import make_chat_guard
         from runguard_autolog.integrations.openai import CHAT
 
-        wrapper = make_sync_guard(CHAT)
+        wrapper = make_chat_guard(CHAT)  # the wrapper the patch installs
     else:
         wrapper = floor_wrapper
     response = ChatCompletion.model_validate(CANNED)
@@ -299,9 +299,11 @@ def child_stages(p: dict) -> dict:
     """Median us per stage of runguard's guard *in situ* (MockTransport, between real SDK work).
 
     Two wrapt timers bracket runguard's wrapper, one installed beneath it and one above
-    it, so guard = above - beneath. Pass 0 alternates the switch (paired); pass 1 times
-    admit and _finish in the same calls as the bracket; pass 2 their parts.
-    Within a pass no timed stage contains another.
+    it, so guard = above - beneath. Pass 0 alternates the switch (paired) on the measured
+    call, which takes the one-frame fast path (``_fastpath``). The general driver's stages
+    are timed on the same call with ``n=1`` added (which changes nothing but the path): pass
+    1 times admit and _finish in the same calls as the bracket, pass 2 their parts. Within a
+    pass no timed stage contains another.
     """
     from runguard_autolog import _guard
     from runguard_autolog._runtime import RUNTIME
@@ -313,18 +315,19 @@ def child_stages(p: dict) -> dict:
     install_bracket_timer(bracket["above"])
     client, calls = mock_client(), p["stage_calls"]
     call = lambda: chat(client)  # noqa: E731
+    general = lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, n=1)  # noqa: E731
 
     guarded_calls(client, 200)
     switch = bracket_pairs(set_switch, bracket, call, calls)
-    top = time_stages([("admit", _guard, "admit"), ("_finish", _guard, "_finish")], call, calls, bracket)
+    top = time_stages([("admit", _guard, "admit"), ("_finish", _guard, "_finish")], general, calls, bracket)
     parts = time_stages([
         ("current_charges", _guard, "current_charges"),
         ("forecast", rg_openai.Endpoint, "forecast"),
         ("reserve", RUNTIME.store, "reserve"), ("usage", rg_openai.Endpoint, "usage"),
         ("settle", RUNTIME.store, "settle"),
-    ], call, calls)
+    ], general, calls)
     rows = [
-        ("guard on, total (timer above minus timer beneath)", top.get("guard")),
+        ("general driver (the same call with n=1): guard on, total", top.get("guard")),
         ("  admit", top.get("admit")),
         ("    current_charges (open scopes and their limits)", parts.get("current_charges")),
         ("    Endpoint.forecast (prompt token estimate)", parts.get("forecast")),
@@ -336,8 +339,8 @@ def child_stages(p: dict) -> dict:
     if {"guard", "admit", "_finish"} <= top.keys():
         rows.append(("  rest: IN_CALL set/reset, try/finally, timer shims",
                      top["guard"] - top["admit"] - top["_finish"]))
-    stages = {label: value for label, value in rows if value is not None}
-    stages.update(switch)
+    stages = dict(switch)
+    stages.update({label: value for label, value in rows if value is not None})
     stages["timer overhead per timed stage (not subtracted)"] = timer_overhead_us()
     return {"stages": stages}
 
@@ -367,6 +370,7 @@ def bracket_pairs(set_switch, bracket: dict, call, calls: int) -> dict[str, floa
     s = interleave({f: sample(f) for f in (True, False)}, calls)
     set_switch(True)
     return {
+        "fast path (the measured call): guard on, total": median_us([g for g, _ in s[True]]),
         "guard switched off (dormant wrapper), same bracket": median_us([g for g, _ in s[False]]),
         "guard on minus off, paired, same bracket": median_us([a[0] - b[0] for a, b in zip(s[True], s[False])]),
         "SDK call beneath the guard, on minus off, paired (runs slower after the guard)":
@@ -392,8 +396,8 @@ def time_stages(targets, call, calls: int, bracket: dict | None = None) -> dict[
     finally:
         for owner, name, original in originals:
             setattr(owner, name, original)
-    result = {label: median_us(values) for label, values in samples.items()}
-    if bracket:
+    result = {label: median_us(values) for label, values in samples.items() if values}
+    if bracket and bracket["above"]:
         result["guard"] = median_us([a - b for a, b in zip(bracket["above"], bracket["beneath"])])
     return result
 
