@@ -107,7 +107,7 @@ def test_an_internal_failure_on_the_fast_path_degrades_to_one_unguarded_call(cli
     def broken():
         raise KeyError("a bug inside runguard")
 
-    monkeypatch.setattr(_fastpath, "current_charges", broken)
+    monkeypatch.setattr(_fastpath, "Call", broken)
     with caplog.at_level(logging.WARNING, logger="runguard_autolog"):
         reply = client.chat.completions.create(model=MODEL, messages=MESSAGES)
         client.chat.completions.create(model=MODEL, messages=MESSAGES)
