@@ -161,7 +161,7 @@ def current_shared(name: str | None = None, store: str | None = None) -> SharedS
     budget, temporary = _budget_named(name, store)
     try:
         budget.flush()  # this process's own settles first
-        return SharedSnapshot(budget)
+        return SharedSnapshot(budget, window_known=not temporary)
     finally:
         if temporary:
             budget.close()

@@ -300,19 +300,15 @@ if #args > 1 then redis.call('ZADD', KEYS[1], unpack(args)) end
 return #ARGV - 1
 """
 
-# Returns {start, leases held, trip or false, u0..u6} of the current window.
+# Returns {start, leases held, trip or false, u0..u6} of the current window (ARGV[2]: that
+# window's start, when the caller knows it rather than the window length).
 _SNAPSHOT = _PRELUDE + """
-local start = window_start(clock())
+local start = ARGV[2]
+if start == '' then start = window_start(clock()) end
 local s = redis.call('HMGET', key(start), unpack(FIELDS))
 return {start, redis.call('ZCARD', KEYS[1]), s[15] or false, s[1], s[2], s[3], s[4], s[5], s[6], s[7]}
 """
 
-# Zero the current window's counters, drop every lease and close the circuit.
-_RESET = _PRELUDE + """
-local start = window_start(clock())
-redis.call('DEL', key(start), KEYS[1])
-return start
-"""
 
 
 def _number(text: Any) -> float:
@@ -406,13 +402,13 @@ class SharedBudget:
         self.lease_s = lease_s
         self._client = connect(url)
         self._outage_error_types = _outage_errors()
-        prefix = f"runguard:{{{name}}}"
+        self._prefix = prefix = f"runguard:{{{name}}}"
         self._keys = [f"{prefix}:leases"]
         self._head = [f"{prefix}|{self.window}|{int(lease_s * 1000)}"]
         self._scripts = {
             name: self._client.register_script(source)
             for name, source in (("reserve", _RESERVE), ("settle", _SETTLE), ("retry", _RETRY),
-                                 ("renew", _RENEW), ("snapshot", _SNAPSHOT), ("reset", _RESET))
+                                 ("renew", _RENEW), ("snapshot", _SNAPSHOT))
         }
         self._reserve_sha = self._scripts["reserve"].sha
         self._no_script = _no_script_error()
@@ -492,8 +488,7 @@ class SharedBudget:
             start, member = start.decode(), member and member.decode()
         if member:
             reservation.lease = (member, start)
-            self._live[member] = None
-            self._start_writer()
+            self._live[member] = None  # renewed by the writer while the call runs
         if status == 1:
             return None
         if status == 0:
@@ -527,15 +522,26 @@ class SharedBudget:
             return Refusal(self.scope, trip, True, False)
         return Refusal(self.scope, trip, bool(reply[2]), bool(reply[2]))
 
-    def snapshot(self) -> tuple[int, int, list, Trip | None]:
-        """(window start, calls holding a lease, used, trip) of the current window."""
-        reply = self._run("snapshot", [])
+    def _window_keys(self) -> list[bytes]:
+        return list(self._client.scan_iter(match=f"{self._prefix}:w:*", count=1000))
+
+    def snapshot(self, window_known: bool = True) -> tuple[int, int, list, Trip | None]:
+        """(window start, calls holding a lease, used, trip) of the current window. A process
+        that does not know the budget's window (``runguard reset``, ``current_shared(name)``)
+        reads the latest window there is."""
+        start = ""
+        if not window_known:
+            starts = [int(key.rsplit(b":", 1)[1]) for key in self._window_keys()]
+            start = str(max(starts, default=0))
+        reply = self._run("snapshot", [start])
         used = [_number(value or 0) for value in reply[3:10]]
         trip = self._trip(reply[2]) if reply[2] else None
         return int(reply[0]), int(reply[1]), used, trip
 
     def reset(self) -> None:
-        self._run("reset", [])
+        """Zero the counters of every window, drop every lease and close the circuit (whatever
+        window length the budget's processes use)."""
+        self._client.delete(*self._window_keys(), self._keys[0])
 
     # -- trips -----------------------------------------------------------------------------
     def _trip(self, raw: Any) -> Trip:
@@ -857,10 +863,10 @@ class SharedSnapshot:
 
     __slots__ = ("scope", *COUNTERS, "in_flight", "limits", "tripped", "window_start")
 
-    def __init__(self, budget: SharedBudget) -> None:
+    def __init__(self, budget: SharedBudget, window_known: bool = True) -> None:
         from ._scopes import _as_exception
 
-        start, self.in_flight, used, trip = budget.snapshot()  # in_flight: admitted, not yet settled
+        start, self.in_flight, used, trip = budget.snapshot(window_known)  # in_flight: admitted, not yet settled
         self.scope = budget.scope.name
         for name, value in zip(COUNTERS, used):
             setattr(self, name, value)

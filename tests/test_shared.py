@@ -220,6 +220,27 @@ def test_a_shared_trip_is_sticky_for_every_process_until_reset_from_the_cli(clie
     assert server.count() == 6
 
 
+def test_reset_and_reading_a_windowed_budget_from_a_process_that_does_not_know_the_window(
+        client, server, redis_url, name):
+    runguard.autolog(store=redis_url, shared_budget=name, shared_max_calls=2, shared_window="hour")
+    chat(client)
+    chat(client)
+    with pytest.raises(runguard.RunGuardTripped):
+        chat(client)
+    runguard.flush()
+    outside = runguard.current_shared(name, store=redis_url)  # a client that knows only the name
+    assert (outside.calls, outside.tripped.limit) == (2, "shared_max_calls")
+    assert outside.window_start == runguard.current_shared().window_start
+    assert outside.window_start % 3600 == 0
+
+    env = {**os.environ, "RUNGUARD_STORE": redis_url}
+    reset = subprocess.run([sys.executable, "-m", "runguard_autolog", "reset", "--shared", name],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert reset.returncode == 0, reset.stderr
+    chat(client)  # the hour's window was reset too
+    assert runguard.current_shared().calls == 1 and server.count() == 3
+
+
 def test_cli_reset_refuses_a_bad_store_without_echoing_its_password(name):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNGUARD_")}
     env["RUNGUARD_STORE"] = "redis://admin:hunter2@/0"
