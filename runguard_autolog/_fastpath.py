@@ -65,6 +65,7 @@ def make_chat_guard(endpoint):
                 if type(cap) is not int or cap <= 0:
                     cap = 0
             flat = rates.flat
+            # NB: as in admit() (inline on purpose, a frame less per call): keep the two in step
             call = Call()
             call.charges = charges
             call.settled = False
