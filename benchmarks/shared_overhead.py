@@ -31,8 +31,6 @@ import json
 import math
 import os
 import platform
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -124,31 +122,6 @@ def child(p: dict) -> dict:
 
 
 # == parent ==================================================================================
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (Debian package redis-server)")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-                             "--dir", directory], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("redis-server did not start")
-
-
 def paired(a: list[int], b: list[int]) -> dict:
     diffs = [x - y for x, y in zip(a, b)]
     return {"added_us": median_us(diffs), "ci_us": median_ci_us(diffs)}
@@ -217,24 +190,22 @@ def main() -> None:
     started = time.monotonic()
     params = {"warmup": 100, "rounds": 600 if args.quick else 3000, "trip_calls": 200,
               "blocks": 4 if args.quick else 10, "block_calls": 100}
-    with tempfile.TemporaryDirectory() as directory, FakeOpenAIServer() as server:
-        redis_proc, url = start_redis(directory)
-        try:
-            version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
-            env = {k: v for k, v in os.environ.items() if not k.startswith("RUNGUARD_")}
-            env["_RUNGUARD_STRICT"] = "1"
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
-                                   json.dumps({**params, "redis_url": url, "base_url": server.base_url})],
-                                  capture_output=True, text=True, env=env, timeout=1800)
-            if proc.returncode != 0:
-                raise SystemExit(proc.stderr[-4000:])
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-            result["block_calls"] = params["block_calls"]
-            if server.count() != result["requests"]:
-                raise SystemExit(f"sent {result['requests']} requests but the server received {server.count()}")
-        finally:
-            redis_proc.kill()
-            redis_proc.wait(10)
+    from tests._servers import RedisServer  # the same launcher the tests use
+
+    with tempfile.TemporaryDirectory() as directory, FakeOpenAIServer() as server, RedisServer(Path(directory)) as redis:
+        url = redis.url
+        version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RUNGUARD_")}
+        env["_RUNGUARD_STRICT"] = "1"
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
+                               json.dumps({**params, "redis_url": url, "base_url": server.base_url})],
+                              capture_output=True, text=True, env=env, timeout=1800)
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-4000:])
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["block_calls"] = params["block_calls"]
+        if server.count() != result["requests"]:
+            raise SystemExit(f"sent {result['requests']} requests but the server received {server.count()}")
     report = render(result, args.quick, time.monotonic() - started, version.removeprefix("v="))
     print(report)
     (HERE / ("results-shared-quick.md" if args.quick else "results-shared.md")).write_text(report)

@@ -7,9 +7,10 @@ every call also charges the budget ``shared:nightly-eval`` as one more open scop
 the same reserve-before / settle-after exactness as the in-memory store, across
 processes and machines:
 
-- **Atomic.** Reserve, settle, release and retry are Lua scripts, one round trip each, so
-  a call costs two round trips (reserve, settle). Check-and-hold is one step in Redis:
-  32 threads in 4 processes cannot overshoot a shared call ceiling.
+- **Atomic.** Reserve, settle and retry are Lua scripts: check-and-hold is one step in
+  Redis, so 32 threads in 4 processes cannot overshoot a shared call ceiling. A call
+  waits for one round trip, its reserve, which also carries this process's earlier
+  settles (see ``SharedBudget``).
 - **Leases.** Each reservation is a lease (``shared_lease_s``, default 30 s) that a
   background thread renews while the call runs. A process that dies mid-call stops
   renewing; its holds are reclaimed by the next reservation after the lease runs out,
@@ -30,16 +31,16 @@ processes and machines:
   and adds what they used to the budget when the store answers again.
 
 Keys: ``runguard:{<name>}:w:<window start>`` (a hash of used ``u0..u6`` and reserved
-``r0..r6`` counters in ``_store.COUNTERS`` order, and ``trip``), ``…:leases`` (lease id
--> window start and held amounts) and ``…:expiry`` (lease id -> expiry, ms). The braces
-keep one budget's keys in one Redis Cluster slot.
+``r0..r6`` counters in ``_store.COUNTERS`` order, and ``trip``) and ``…:leases`` (a sorted
+set of "<lease id>|<window start>|<index>=<held amount>|..." scored by expiry, ms). The
+braces keep one budget's keys in one Redis Cluster slot.
 """
 
 from __future__ import annotations
 
 import atexit
-import itertools
 import collections
+import itertools
 import json
 import os
 import re
