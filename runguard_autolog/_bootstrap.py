@@ -99,9 +99,7 @@ def describe(settings: Mapping[str, Setting], environ: Mapping[str, str] | None 
         value = setting.value
         if name == "store":
             shown = redact(value)
-        elif value is None:
-            shown = "none"
-        elif value == float("inf"):
+        elif value is None or value == float("inf"):
             shown = "none"
         elif callable(value):
             shown = getattr(value, "__qualname__", repr(value))

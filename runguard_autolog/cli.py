@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _reset_shared(name: str, store: str | None) -> int:
     from . import reset_shared
+    from ._bootstrap import BAD_CONFIG_EXIT
     from ._config import redact
     from ._errors import RunGuardConfigError
 
@@ -68,7 +69,7 @@ def _reset_shared(name: str, store: str | None) -> int:
         reset_shared(name, store)
     except RunGuardConfigError as error:
         print(error, file=sys.stderr)
-        return 2
+        return BAD_CONFIG_EXIT
     except Exception as error:  # the store did not answer: say so without echoing a password
         print(f"runguard: could not reset shared budget {name!r}: {type(error).__name__}: "
               f"{redact(str(error))}", file=sys.stderr)
