@@ -29,7 +29,7 @@ from ._evaluation import guarded_evaluate
 from . import _recording
 from ._runtime import RUNTIME, logger
 from ._scopes import Snapshot, current, reset, session
-from ._shared import SharedSnapshot, budget_from
+from ._shared import SharedSnapshot, budget_from, use_shared
 from .tokens import register_encoding
 
 __all__ = [
@@ -107,14 +107,23 @@ def autolog(
                 logger.warning("runguard: RUNGUARD_DISABLE is set; the breaker is off")
             RUNTIME.enabled = False
             _patching.uninstall_all()
-            RUNTIME.use_shared(None)
+            use_shared(None)
             return
         settings = resolve(keywords)  # raises before anything changes
         budget = budget_from(settings)
         RUNTIME.configure(settings)
-        RUNTIME.use_shared(budget)
+        use_shared(budget)
         RUNTIME.enabled = True
         _patching.install_all()
+
+
+def _switch(on: bool) -> None:
+    """How layers below the API turn the breaker on or off (``guarded_evaluate`` without
+    ``autolog()``)."""
+    autolog(disable=not on)
+
+
+RUNTIME.switch = _switch
 
 
 def _budget_named(name: str | None, store: str | None):
@@ -179,7 +188,7 @@ def config() -> str:
     """The effective limits and where each came from (keyword, environment, default), as
     ``runguard config`` prints them: the active ``autolog()`` configuration, else what
     the environment would give."""
-    from ._bootstrap import describe
+    from ._config import describe
 
     with RUNTIME.lock:
         settings = RUNTIME.settings if RUNTIME.enabled else resolve({})

@@ -77,6 +77,7 @@ class _Ledger:
 
 
 _ledgers: dict[str, _Ledger] = {}
+RUNTIME.on_reset(_ledgers.clear)
 _lock = threading.Lock()
 
 

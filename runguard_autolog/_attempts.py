@@ -30,13 +30,14 @@ adds only the bookkeeping on the ``Call``.
 from __future__ import annotations
 
 import email.utils
+import json
+import re
 import time
 from typing import Any, Callable
 
-from . import _recording
-from ._guard import IN_CALL, IN_SYNC_CALL, Call, refuse
+from ._counters import Trip, in_flight_used
+from ._call import Call, refuse
 from ._runtime import RUNTIME, internal_error
-from ._store import Trip, in_flight_used
 
 _perf = time.perf_counter
 _INF = float("inf")
@@ -78,9 +79,10 @@ def sync_attempt(reader: Reader, current: Callable[[], "Call | None"] | None = N
     call this attempt belongs to (``None``: not an LLM attempt, pass through); by default,
     the sync call in flight in this thread."""
     status_of = reader.status_attribute
+    mark = RUNTIME.in_sync_call
 
     def attempt(wrapped, instance, args, kwargs):
-        call = IN_SYNC_CALL.call if current is None else current()
+        call = mark.call if current is None else current()
         if call is None or call.settled:
             return wrapped(*args, **kwargs)
         if call.retry_due:
@@ -114,9 +116,10 @@ def sync_attempt(reader: Reader, current: Callable[[], "Call | None"] | None = N
 def async_attempt(reader: Reader):
     """:func:`sync_attempt` for a coroutine function: the call in flight in this task."""
     status_of = reader.status_attribute
+    in_call = RUNTIME.in_call
 
     async def attempt(wrapped, instance, args, kwargs):
-        call = IN_CALL.get()
+        call = in_call.get()
         if call is None or call.settled:
             return await wrapped(*args, **kwargs)
         if call.retry_due:
@@ -175,7 +178,7 @@ def judge(call: Call, reader: Reader, response: Any) -> tuple[Any, tuple | None]
             response, text = reader.text(response)
             scope, trip, newly = _refused(call, status, text, None, "request_refused")
             if newly:
-                _recording.tripped(trip, scope)
+                RUNTIME.events.tripped(trip, scope)
             return response, None
         else:  # 404, 400, 422, 5xx, 408, 409 ...: counted as a request; the SDK decides on retrying
             return response, None
@@ -196,7 +199,7 @@ def _throttled(call: Call, retry_after: float | None):
     ]
     trips = RUNTIME.store.throttled(call, limits, retry_after)
     for scope, trip in trips[1:]:
-        _recording.tripped(trip, scope)
+        RUNTIME.events.tripped(trip, scope)
     if trips:
         scope, trip = trips[0]
         return scope, trip, True
@@ -211,15 +214,35 @@ def _refused(call: Call, status: int, text: str, retry_after: float | None, limi
     """A refusal retrying cannot fix trips the innermost scope at once."""
     scope = call.charges[-1][0]
     what = "a budget/quota refusal" if status == 429 else "a refusal"
-    detail = " ".join(text.split())[:200]
+    detail = error_kind(text)
     note = "" if retry_after is None else f"; Retry-After: {retry_after:g} s"
     trip = Trip(
         scope.name, limit, None, status,
-        f"{call.endpoint.name} answered HTTP {status}, {what} that retrying cannot fix ({detail!r}{note})",
+        f"{call.endpoint.name} answered HTTP {status}, {what} that retrying cannot fix{detail}{note}",
         in_flight_used(scope.used), scope.throttled,
     )
     opened = RUNTIME.store.trip(scope, trip)
     return scope, opened, opened is trip
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def error_kind(text: str) -> str:
+    """A provider error described by its type and code only (``" (type=..., code=...)"``), never
+    its message: that may quote a key or the prompt."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return ""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, str):
+        error = {"type": error}
+    if not isinstance(error, dict):
+        return ""
+    parts = [f"{name}={error[name]}" for name in ("type", "code")
+             if isinstance(error.get(name), str) and _IDENTIFIER.fullmatch(error[name])]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def stop(call: Call, scope: Any, trip: Trip, newly: bool) -> None:

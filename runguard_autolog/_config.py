@@ -299,3 +299,38 @@ def explicit_limits(keywords: Mapping[str, Any]) -> dict[str, Any]:
             continue
         limits[name] = parse_on_trip(value) if name == "on_trip" else parse_keyword(name, value)
     return limits
+
+
+SHARED_SETTINGS = ("store", "shared_budget", *SHARED_LIMITS, "shared_window", "store_outage", "shared_lease_s")
+
+
+def describe(settings: Mapping[str, Setting], environ: Mapping[str, str] | None = None) -> str:
+    """The effective limits and where each came from, as a table."""
+    environ = os.environ if environ is None else environ
+    rows = [("limit", "value", "source")]
+    for name in [*LIMITS, "on_trip", "artifact_breach", *SHARED_SETTINGS]:
+        setting = settings[name]
+        value = setting.value
+        if name == "store":
+            shown = redact(value)
+        elif value is None or value == float("inf"):
+            shown = "none"
+        elif callable(value):
+            shown = getattr(value, "__qualname__", repr(value))
+        else:
+            shown = str(value)
+        source = setting.source
+        if source == "environment":
+            raw = environ.get(env_name(name), "")
+            source = f"environment ({env_name(name)}={redact(raw) if name == 'store' else raw})"
+        rows.append((name, shown, source))
+    width = [max(len(row[i]) for row in rows) for i in range(2)]
+    lines = [f"{a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows]
+    try:
+        autolog = "on" if env_flag("RUNGUARD_AUTOLOG", environ) else "off"
+        disabled = "on" if env_flag("RUNGUARD_DISABLE", environ) else "off"
+    except RunGuardConfigError as error:
+        autolog = disabled = str(error)
+    lines += ["", f"RUNGUARD_AUTOLOG (enable at start-up): {autolog}",
+              f"RUNGUARD_DISABLE (kill switch): {disabled}"]
+    return "\n".join(lines)

@@ -44,6 +44,12 @@ class RunGuardTripped(RuntimeError):
         self.details = dict(details or {})
         super().__init__(self._message())
 
+    @classmethod
+    def from_trip(cls, trip: Any) -> "RunGuardTripped":
+        """The exception for a :class:`~runguard_autolog._counters.Trip`."""
+        return cls(trip.reason, limit=trip.limit, threshold=trip.threshold, observed=trip.observed,
+                   scope=trip.scope, details={"cut": True} if getattr(trip, "cut", False) else None)
+
     def _message(self) -> str:
         if self.scope.startswith("shared:"):
             name = self.scope[len("shared:"):]
@@ -54,6 +60,12 @@ class RunGuardTripped(RuntimeError):
                 f"on this budget may send one. Raise the limit with runguard.autolog({self.limit}=...) or "
                 f"RUNGUARD_{self.limit.upper()}=..., or reset the budget for every process with "
                 f"runguard.reset_shared({name!r}) or `runguard reset --shared {name}`."
+            )
+        if self.details.get("cut"):
+            return (
+                f"runguard: {self.reason} in scope {self.scope}. Raise the limit with "
+                f"runguard.autolog({self.limit}=...) or RUNGUARD_{self.limit.upper()}=..., open a new "
+                f"runguard.session(), or call runguard.reset() to close the circuit."
             )
         if self.threshold is None:  # the provider refused in a way retrying cannot fix
             return (

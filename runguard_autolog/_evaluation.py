@@ -292,14 +292,12 @@ def _breaker_on():
     if RUNTIME.enabled:
         yield
         return
-    import runguard_autolog
-
-    runguard_autolog.autolog()
+    RUNTIME.switch(True)
     try:
         yield
     finally:
         if RUNTIME.enabled:
-            runguard_autolog.autolog(disable=True)
+            RUNTIME.switch(False)
 
 
 def _autolog_budget() -> float:

@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import threading
 from collections import deque
 from typing import Any, Iterable
 
-from ._store import Trip
+from ._counters import Trip, as_counters
+from ._runtime import RUNTIME
 
 MAX_PARSED_ARGUMENTS = 64 * 1024  # longer argument text is hashed as text, never parsed
 MIN_WINDOW = 10
 
 _lock = threading.Lock()
+RUNTIME.fork_safe(sys.modules[__name__], "_lock", threading.Lock)
 
 
 def window_for(repeats: float) -> int:
@@ -129,7 +132,7 @@ def observe_tool_calls(scope, calls: Iterable[tuple[str, Any]], repeats: float) 
                 scope.name, "loop_repeats", int(repeats), seen,
                 f"tool-call loop: {name} (arguments {args_hash}) requested {seen} times "
                 f"in the last {window} tool calls (loop_repeats={int(repeats)})",
-                tuple(scope.used),
+                as_counters(scope.used),
             )
     return found
 
@@ -146,5 +149,5 @@ def observe_request(scope, model: str, payload: Any, limit: float) -> Trip | Non
         scope.name, "loop_identical_requests", int(limit), seen,
         f"identical-request loop: the same request to {model} (hash {request_hash.hex()[:12]}) "
         f"seen {seen} times in the last {window} requests (loop_identical_requests={int(limit)})",
-        tuple(scope.used),
+        as_counters(scope.used),
     )

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import wrapt
 
+from ._guard import DRIVERS
 from ._runtime import RUNTIME, internal_error, log_once
 
 # integration module path -> its root SDK module (imported lazily: nothing here imports an SDK)
@@ -43,6 +44,14 @@ class PatchSpec:
     is_async: bool = False
     wrapper: Callable[..., Any] | None = None  # for non-LLM patches (MLflow run lifecycle)
     lazy: bool = False  # patch when its module is first imported, rather than importing it
+    lazy_stream: bool = False  # returns a generator that sends its request when iterated
+
+    @property
+    def driver(self) -> str:
+        """Which of ``_guard.DRIVERS`` guards this entry (``"custom"``: its own ``wrapper``)."""
+        if self.wrapper is not None:
+            return "custom"
+        return "lazy_stream" if self.lazy_stream else "async" if self.is_async else "sync"
 
 
 _installed: dict[tuple[str, str], Any] = {}
@@ -51,12 +60,10 @@ _hooked: set[str] = set()  # integrations whose root module has a post-import ho
 _lock = threading.RLock()
 
 
-def _wrapper_for(spec: PatchSpec):
+def _wrapper_for(spec: PatchSpec) -> Callable[..., Any]:
     if spec.wrapper is not None:
         return spec.wrapper
-    from ._guard import make_async_guard, make_sync_guard
-
-    return make_async_guard(spec.endpoint) if spec.is_async else make_sync_guard(spec.endpoint)
+    return DRIVERS[spec.driver](spec.endpoint)
 
 
 def _resolve(spec: PatchSpec):

@@ -16,8 +16,9 @@ import threading
 import time
 from typing import Callable
 
-from ._runtime import RUNTIME, log_once, logger
-from ._store import CALLS, COST, INPUT, OUTPUT, REQUESTS, TOTAL
+from ._counters import CALLS, COST, INPUT, OUTPUT, REQUESTS, TOTAL, ZERO
+from ._runtime import RUNTIME, Events, log_once, logger
+from ._scopes import innermost
 
 TAG_TRIPPED = "runguard.tripped"
 TAG_TRIP_LIMIT = "runguard.trip_limit"
@@ -48,8 +49,9 @@ LLM_SPAN_TYPES = ("CHAT_MODEL", "LLM", "EMBEDDING")
 class _Worker:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue | None = None
-        self._pid = None
+        self._pid: int | None = None
         self._lock = threading.Lock()
+        RUNTIME.fork_safe(self, "_lock", threading.Lock)
 
     def submit(self, job: Callable[[], None]) -> None:
         if self._pid != os.getpid():
@@ -58,6 +60,7 @@ class _Worker:
                     self._queue = queue.SimpleQueue()
                     threading.Thread(target=self._run, args=(self._queue,), name="runguard-recorder", daemon=True).start()
                     self._pid = os.getpid()
+        assert self._queue is not None
         self._queue.put(job)
 
     @staticmethod
@@ -134,7 +137,7 @@ def tripped(trip, scope=None, where=_HERE) -> None:
         if where is None:
             return
         run_id, _, uri = where
-        used = trip.used or (0,) * 6
+        used = trip.used or ZERO
         metrics = {
             METRIC_CALLS_AT_TRIP: used[CALLS],
             METRIC_TOKENS_AT_TRIP: used[TOTAL],
@@ -152,6 +155,7 @@ def tripped(trip, scope=None, where=_HERE) -> None:
 
 
 _spanned_trips: set = set()
+RUNTIME.on_reset(_spanned_trips.clear)
 
 
 def refused(error, trip, newly: bool, target: str) -> None:
@@ -222,10 +226,7 @@ def span_processor(span) -> None:
     if not RUNTIME.enabled or str(getattr(span, "span_type", "")) not in LLM_SPAN_TYPES:
         return
     try:
-        from ._guard import in_flight
-        from ._scopes import innermost
-
-        call = in_flight()
+        call = RUNTIME.in_flight()
         scope = call.charges[-1][0] if call is not None else innermost()
         used = list(scope.used)
         if call is not None and not call.settled:
@@ -269,9 +270,24 @@ def write_run_summary(run_id: str, scope) -> None:
     """Spend per run, tripped or not, so it can be charted across experiments."""
     import mlflow
 
-    used = scope.used if scope is not None else (0,) * 6
+    used = scope.used if scope is not None else ZERO
     metrics = {name: used[index] for name, index in SUMMARY_METRICS}
     write_run(run_id, mlflow.get_tracking_uri(), metrics, {})
 
 
-__all__ = ["flush", "tripped", "refused", "span_processor"]
+class Recorder(Events):
+    """The runtime's events, written to MLflow (see the module docstring)."""
+
+    def tripped(self, trip, scope=None, where=_HERE) -> None:
+        tripped(trip, scope, _HERE if where is None else where)
+
+    def refused(self, error, trip, newly, target) -> None:
+        refused(error, trip, newly, target)
+
+    def run_info(self):
+        return active_run_info() if RUNTIME.runs_seen else None
+
+
+RUNTIME.events = Recorder()
+
+__all__ = ["flush", "tripped", "refused", "span_processor", "Recorder"]

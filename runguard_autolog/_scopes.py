@@ -13,13 +13,13 @@ import functools
 import inspect
 import itertools
 import sys
-import threading
 import time
 from typing import Any
 
 from ._config import LIMITS, explicit_limits
 from ._runtime import RUNTIME
-from ._store import COUNTER_OF_LIMIT, COUNTERS
+from ._counters import COUNTER_OF_LIMIT, COUNTERS, Counters
+from ._errors import RunGuardTripped
 
 _INF = float("inf")
 
@@ -36,7 +36,8 @@ class Scope:
     """Counters and the circuit of one unit of work."""
 
     __slots__ = (
-        "name", "own", "own_checks", "entered", "used", "reserved", "tripped", "throttled", "loops", "_effective",
+        "name", "own", "own_checks", "entered", "used", "reserved", "tripped", "throttled", "loops", "epoch",
+        "_effective",
         "__weakref__",
     )
 
@@ -50,6 +51,7 @@ class Scope:
         self.tripped = None
         self.throttled = 0  # consecutive 429 responses; a successful call ends the run
         self.loops = None  # _loops.LoopWatch, created when the first tool call or request is watched
+        self.epoch = 0  # the store's reset count when this scope was last reset
         self._effective = (-1, None, None)
 
     def effective(self) -> tuple[dict[str, Any], tuple]:
@@ -67,11 +69,8 @@ class Scope:
         return f"<runguard scope {self.name}>"
 
 
-PROCESS = Scope("process", entered=0.0)
+PROCESS = RUNTIME.process = Scope("process", entered=0.0)
 _SESSIONS: contextvars.ContextVar[tuple] = contextvars.ContextVar("runguard_sessions", default=())
-_RUNS: dict[str, Scope] = {}
-_RUN_STARTS: dict[str, float] = {}
-_runs_lock = threading.Lock()
 _anonymous = itertools.count(1)
 
 
@@ -79,19 +78,15 @@ _UNKNOWN = object()
 
 
 # An MLflow run becomes a scope once runguard has seen a run start (its start_run patch) or
-# found one active in the installing thread. Until then calls skip mlflow's active_run(),
-# which costs a getpid() system call per call. (A run started in another thread before
-# runguard.autolog() is therefore not seen; see README.)
-RUNS_SEEN = False
-
-
+# found one active in the installing thread (RUNTIME.runs_seen). Until then calls skip
+# mlflow's active_run(), which costs a getpid() system call per call. (A run started in
+# another thread before runguard.autolog() is therefore not seen; see README.)
 def note_runs_seen() -> None:
-    global RUNS_SEEN
-    RUNS_SEEN = True
+    RUNTIME.runs_seen = True
 
 
 def _active_run():
-    if not RUNS_SEEN:
+    if not RUNTIME.runs_seen:
         return None
     fluent = sys.modules.get("mlflow.tracking.fluent")
     if fluent is None:
@@ -101,46 +96,43 @@ def _active_run():
 
 def run_scope(run) -> Scope:
     run_id = run.info.run_id
-    scope = _RUNS.get(run_id)
+    runs = RUNTIME.runs
+    scope = runs.get(run_id)
     if scope is None:
-        with _runs_lock:
-            scope = _RUNS.get(run_id)
+        with RUNTIME.runs_lock:
+            scope = runs.get(run_id)
             if scope is None:
-                entered = _RUN_STARTS.pop(run_id, None)
+                entered = RUNTIME.run_starts.pop(run_id, None)
                 if entered is None:
                     entered = (run.info.start_time or 0) / 1000.0
-                scope = _RUNS[run_id] = Scope(f"run:{run_id}", entered=entered)
+                scope = runs[run_id] = Scope(f"run:{run_id}", entered=entered)
     return scope
 
 
 def note_run_started(run_id: str) -> None:
     """Remember when a run began, so it is ordered correctly against sessions."""
     note_runs_seen()
-    _RUN_STARTS[run_id] = time.time()
+    RUNTIME.run_starts[run_id] = time.time()
 
 
 def drop_run(run_id: str) -> Scope | None:
-    _RUN_STARTS.pop(run_id, None)
-    with _runs_lock:
-        return _RUNS.pop(run_id, None)
-
-
-# The session chain of the evaluation in progress (see _evaluation). MLflow scores rows in its
-# own threads, which inherit no context: a call from a thread with no session of its own
-# counts toward the evaluation. One evaluation at a time per process (see README).
-EVALUATING: tuple = ()
+    RUNTIME.run_starts.pop(run_id, None)
+    with RUNTIME.runs_lock:
+        return RUNTIME.runs.pop(run_id, None)
 
 
 def set_evaluating(chain: tuple) -> tuple:
-    """Publish ``chain`` as the evaluation in progress; returns the previous one to restore."""
-    global EVALUATING
-    previous, EVALUATING = EVALUATING, chain
+    """Publish ``chain`` as the evaluation in progress (see _evaluation); returns the previous
+    one to restore. MLflow scores rows in its own threads, which inherit no context: a call
+    from a thread with no session of its own counts toward the evaluation. One evaluation at a
+    time per process (see README)."""
+    previous, RUNTIME.evaluating = RUNTIME.evaluating, chain
     return previous
 
 
 def open_scopes(run: Any = _UNKNOWN) -> list[Scope]:
     """Scopes charged by a call here, outermost first; the last is the innermost unit of work."""
-    scopes = [PROCESS, *(_SESSIONS.get() or EVALUATING)]
+    scopes = [PROCESS, *(_SESSIONS.get() or RUNTIME.evaluating)]
     if run is _UNKNOWN:
         run = _active_run()
     if run is not None:
@@ -166,10 +158,10 @@ def charges_for(scopes: list[Scope]) -> tuple[list[tuple[Scope, tuple]], dict[st
 def current_charges() -> tuple[Any, dict[str, Any]]:
     """``charges_for(open_scopes())``, with the common process-only case cached per configuration."""
     run = None
-    if RUNS_SEEN:  # _active_run(), inlined
+    if RUNTIME.runs_seen:  # _active_run(), inlined
         fluent = sys.modules.get("mlflow.tracking.fluent")
         run = None if fluent is None else fluent.active_run()
-    if run is None and not _SESSIONS.get() and not EVALUATING:
+    if run is None and not _SESSIONS.get() and not RUNTIME.evaluating:
         cached = _process_only
         if cached[0] != RUNTIME.version:
             limits, checks = PROCESS.effective()
@@ -187,27 +179,37 @@ class Snapshot:
     """What ``runguard.current()`` returns: a read-only view of one scope."""
 
     __slots__ = ("scope", *COUNTERS, "consecutive_429s", "limits", "tripped")
+    scope: str
+    calls: float
+    requests: float
+    input_tokens: float
+    output_tokens: float
+    total_tokens: float
+    cost_usd: float
+    request_seconds: float
+    consecutive_429s: int
+    limits: dict[str, Any]
+    tripped: RunGuardTripped | None
 
     def __init__(self, scope: Scope, is_innermost: bool = True) -> None:
         used, trip, self.consecutive_429s = RUNTIME.store.snapshot(scope)
         self.scope = scope.name
-        for name, value in zip(COUNTERS, used):
-            setattr(self, name, value)
+        (self.calls, self.requests, self.input_tokens, self.output_tokens, self.total_tokens,
+         self.cost_usd, self.request_seconds) = used
         limits = scope.effective()[0] if is_innermost else {**scope.own}
         self.limits = {k: v for k, v in limits.items() if k in LIMITS or k == "on_trip"}
-        self.tripped = None if trip is None else _as_exception(trip)
+        self.tripped = None if trip is None else RunGuardTripped.from_trip(trip)
+
+    @property
+    def counters(self) -> Counters:
+        return Counters(self.calls, self.requests, self.input_tokens, self.output_tokens, self.total_tokens,
+                        self.cost_usd, self.request_seconds)
 
     def __repr__(self) -> str:
         return (
             f"Snapshot(scope={self.scope!r}, calls={self.calls}, input_tokens={self.input_tokens}, "
             f"output_tokens={self.output_tokens}, cost_usd={self.cost_usd:.6g}, tripped={self.tripped!r})"
         )
-
-
-def _as_exception(trip):
-    from ._errors import RunGuardTripped
-
-    return RunGuardTripped(trip.reason, limit=trip.limit, threshold=trip.threshold, observed=trip.observed, scope=trip.scope)
 
 
 def current() -> Snapshot:
@@ -279,3 +281,15 @@ class session:
                 return func(*args, **kwargs)
 
         return run
+
+
+def _reset_process() -> None:
+    """Fresh counters, no holds, closed circuit and no loop history for the process scope."""
+    PROCESS.used[:] = [0] * len(COUNTERS)
+    PROCESS.reserved[:] = [0] * len(COUNTERS)
+    PROCESS.tripped = None
+    PROCESS.throttled = 0
+    PROCESS.loops = None
+
+
+RUNTIME.on_reset(_reset_process)

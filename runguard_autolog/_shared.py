@@ -49,11 +49,11 @@ import threading
 import time
 from typing import Any
 
-from . import _recording, _scopes
 from ._config import INF, SHARED_LIMITS, redact
-from ._errors import RunGuardConfigError
-from ._runtime import internal_error, log_once, logger
-from ._store import COUNTER_OF_LIMIT, COUNTERS, LIMIT_OF_COUNTER, Refusal, Trip, make_trip
+from ._counters import COUNTER_OF_LIMIT, COUNTERS, LIMIT_OF_COUNTER, Trip, make_trip
+from ._errors import RunGuardConfigError, RunGuardTripped
+from ._runtime import RUNTIME, log_once, logger
+from ._store import Refusal
 
 CONNECT_TIMEOUT_S = 0.25
 READ_TIMEOUT_S = 0.25
@@ -548,10 +548,9 @@ class SharedBudget:
     def _trip(self, raw: Any) -> Trip:
         index, threshold, observed, forecast, used = json.loads(raw)
         limit = "shared_" + LIMIT_OF_COUNTER[index]
-        trip = make_trip(self.scope.name, index, _number(threshold), _number(observed), limit,
-                         [_number(value) for value in used], forecast=bool(forecast))
-        return Trip(trip.scope, trip.limit, trip.threshold, trip.observed,
-                    f"shared budget {self.name!r}: {trip.reason}", trip.used)
+        return make_trip(self.scope.name, index, _number(threshold), _number(observed),
+                         [_number(value) for value in used], forecast=bool(forecast), limit=limit,
+                         prefix=f"shared budget {self.name!r}: ")
 
     # -- settles in flight -------------------------------------------------------------------
     def _take_pending(self, most: int | None = None) -> list:
@@ -591,7 +590,7 @@ class SharedBudget:
                         self._owe(member, start, actual)
                         continue
                 if reply[1]:
-                    _recording.tripped(self._trip(reply[1]), self.scope, where=where)
+                    RUNTIME.events.tripped(self._trip(reply[1]), self.scope, where)
         finally:
             self._done_sending(len(settles))
 
@@ -682,7 +681,7 @@ class SharedBudget:
                 self._mark_down(error)
                 return
             if trip:
-                _recording.tripped(self._trip(trip), self.scope)
+                RUNTIME.events.tripped(self._trip(trip), self.scope)
 
     # -- the writer thread ---------------------------------------------------------------------
     def _start_writer(self) -> None:
@@ -763,8 +762,6 @@ def _usage(actual: tuple) -> str:
 @atexit.register
 def _flush_at_exit() -> None:
     """Send this process's last settles before it exits (bounded: a dead store cannot hold it)."""
-    from ._runtime import RUNTIME
-
     budget = getattr(RUNTIME.store, "budget", None)
     if budget is not None:
         try:
@@ -814,7 +811,7 @@ class SharedStore:
         trips = self.local.settle(reservation, actual, ok)
         if lease is not None:
             if lease[0]:  # its trips are recorded by the writer, on this thread's run
-                self.budget.settle(lease, actual, _recording.active_run_info() if _scopes.RUNS_SEEN else None)
+                self.budget.settle(lease, actual, RUNTIME.events.run_info())
             else:  # admitted while the store was down (fail_open): owed to the budget
                 self.budget.owe_offline(lease[1], tuple(actual))
         return trips
@@ -849,6 +846,14 @@ class SharedStore:
         return self.local.snapshot(scope)
 
 
+def use_shared(budget: SharedBudget | None) -> None:
+    """Charge every call to ``budget`` too (``None``: local scopes only)."""
+    previous = getattr(RUNTIME.store, "budget", None)
+    RUNTIME.store = RUNTIME.local if budget is None else SharedStore(RUNTIME.local, budget)
+    if previous is not None and previous is not budget:
+        previous.close()
+
+
 def budget_from(settings: dict) -> SharedBudget | None:
     """The shared budget the resolved settings name, or None."""
     name = settings["shared_budget"].value
@@ -865,14 +870,12 @@ class SharedSnapshot:
     __slots__ = ("scope", *COUNTERS, "in_flight", "limits", "tripped", "window_start")
 
     def __init__(self, budget: SharedBudget, window_known: bool = True) -> None:
-        from ._scopes import _as_exception
-
         start, self.in_flight, used, trip = budget.snapshot(window_known)  # in_flight: admitted, not yet settled
         self.scope = budget.scope.name
         for name, value in zip(COUNTERS, used):
             setattr(self, name, value)
         self.limits = {name: value for name, value in budget.limits.items()}
-        self.tripped = None if trip is None else _as_exception(trip)
+        self.tripped = None if trip is None else RunGuardTripped.from_trip(trip)
         self.window_start = start
 
     def __repr__(self) -> str:

@@ -37,8 +37,15 @@ Contract of a store (the in-memory one here; a shared store implements the same)
 ``reset(scope)``
     Zero the scope's used counters, forget its loop history and close its circuit.
 
-All amounts are 7-tuples in :data:`COUNTERS` order (``request_seconds`` is the time
-spent inside LLM HTTP attempts).
+Amounts travel as tuples in :data:`~runguard_autolog._counters.COUNTERS` order
+(``request_seconds`` is the time spent inside LLM HTTP attempts); what leaves the store
+(trips, snapshots) is a named :class:`~runguard_autolog._counters.Counters`.
+
+A refusal trips a scope (sticky) only when its committed usage has reached the limit: a
+call refused because its own forecast would cross a limit (a huge prompt, a huge
+``max_tokens``) is refused, and the scope stays open, since nothing was spent.
+``reset`` also drops the holds of calls in flight (a call reserved before a reset settles
+without touching the fresh holds).
 """
 
 from __future__ import annotations
@@ -47,68 +54,16 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
-COUNTERS = ("calls", "requests", "input_tokens", "output_tokens", "total_tokens", "cost_usd", "request_seconds")
-CALLS, REQUESTS, INPUT, OUTPUT, TOTAL, COST, SECONDS = range(7)
-COUNTER_OF_LIMIT = {
-    "max_calls": CALLS,
-    "max_requests": REQUESTS,
-    "max_input_tokens": INPUT,
-    "max_output_tokens": OUTPUT,
-    "max_total_tokens": TOTAL,
-    "max_cost_usd": COST,
-    "max_request_latency_s": SECONDS,
-}
-LIMIT_OF_COUNTER = {index: name for name, index in COUNTER_OF_LIMIT.items()}
-_WHAT = {
-    CALLS: "call ceiling",
-    REQUESTS: "request ceiling",
-    INPUT: "input-token ceiling",
-    OUTPUT: "output-token ceiling",
-    TOTAL: "total-token ceiling",
-    COST: "cost ceiling (USD)",
-    SECONDS: "request-latency budget (s)",
-}
-
-
-def _fmt(value: float) -> str:
-    if isinstance(value, float) and not value.is_integer():
-        return f"{value:.6g}"
-    return str(int(value))
-
-
-@dataclass(frozen=True)
-class Trip:
-    """Why a scope's circuit opened."""
-
-    scope: str
-    limit: str
-    threshold: Any
-    observed: Any
-    reason: str
-    used: tuple = ()
-    consecutive_429s: int = 0
-
-
-def make_trip(scope_name: str, index: int, threshold: float, observed: float, limit: str, used, forecast=False) -> Trip:
-    if forecast:
-        reason = f"{_WHAT[index]} would be exceeded by this call ({_fmt(observed)} > {_fmt(threshold)})"
-    else:
-        reason = f"{_WHAT[index]} hit ({_fmt(observed)}/{_fmt(threshold)})"
-    return Trip(scope_name, limit, threshold, observed, reason, tuple(used))
-
-
-def in_flight_used(used) -> tuple:
-    """``used`` counting the first attempt of the call in flight (held until it settles), for
-    trips that happen during a call."""
-    counted = list(used)
-    counted[REQUESTS] += 1
-    return tuple(counted)
+from ._counters import (
+    COUNTERS, LIMIT_OF_COUNTER, SECONDS, REQUESTS, Trip, as_counters, fmt, in_flight_used, make_trip,
+)
+from ._runtime import RUNTIME
 
 
 def _retry_after_note(retry_after: float | None) -> str:
     if retry_after is None:
         return ""
-    return f"; the last one said Retry-After: {_fmt(round(retry_after, 3))} s"
+    return f"; the last one said Retry-After: {fmt(round(retry_after, 3))} s"
 
 
 @dataclass
@@ -124,23 +79,18 @@ class Reservation:
     ``charges`` and ``forecast`` as described above, and ``settled`` (False until the
     store settles or releases it); ``lease``, what a shared store holds for it (see _shared)."""
 
-    __slots__ = ("charges", "forecast", "settled", "lease")
+    __slots__ = ("charges", "forecast", "settled", "lease", "epoch")
 
 
 def _refusal(scope, index: int, threshold: float, wanted: float) -> Refusal:
     """Why ``wanted`` does not fit; opens the circuit when the committed usage alone forbids it."""
     used, reserved = scope.used, scope.reserved
-    limit = LIMIT_OF_COUNTER[index]
-    alone = used[index] + wanted
-    sticky = alone > threshold  # not merely other calls still in flight
-    if used[index] >= threshold:  # already at the ceiling (e.g. charged while an outer scope)
-        trip = make_trip(scope.name, index, threshold, used[index], limit, used)
-    else:
-        observed = alone if sticky else used[index] + reserved[index] + wanted
-        trip = make_trip(scope.name, index, threshold, observed, limit, used, forecast=True)
-    if sticky:
-        scope.tripped = trip
-    return Refusal(scope, trip, sticky, sticky)
+    if used[index] >= threshold:  # committed usage is at the ceiling: the circuit opens
+        scope.tripped = trip = make_trip(scope.name, index, threshold, used[index], used)
+        return Refusal(scope, trip, True, True)
+    # this call's own forecast (or it with the calls in flight) does not fit: refused, not tripped
+    observed = used[index] + reserved[index] + wanted
+    return Refusal(scope, make_trip(scope.name, index, threshold, observed, used, forecast=True), False, False)
 
 
 class MemoryStore:
@@ -148,12 +98,15 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._epoch = 0  # resets so far: a reservation older than a scope's reset holds nothing there
+        RUNTIME.fork_safe(self, "_lock", threading.Lock)
 
     # NB: reserve() and settle() run under the lock around every billed call: plain
     # indexing only (each bytecode counts; C helpers such as map() cost more here).
     def reserve(self, reservation, enforce=True):
         charges, forecast = reservation.charges, reservation.forecast
         with self._lock:
+            reservation.epoch = self._epoch
             # one pass that tests and holds each checked counter; a refusal (rare) undoes it
             for scope, checks in charges:
                 if scope.tripped is not None:
@@ -212,8 +165,11 @@ class MemoryStore:
                 return trips
             reservation.settled = True
             forecast = reservation.forecast
+            stale = reservation.epoch != self._epoch
             for scope, checks in reservation.charges:
                 used, reserved = scope.used, scope.reserved
+                if stale and scope.epoch > reservation.epoch:
+                    reserved = [0] * len(COUNTERS)  # its holds went with the reset
                 used[0] += actual[0]
                 used[1] += actual[1]
                 used[2] += actual[2]
@@ -226,8 +182,7 @@ class MemoryStore:
                 for index, threshold in checks:
                     reserved[index] -= forecast[index]
                     if used[index] >= threshold and scope.tripped is None:
-                        limit = LIMIT_OF_COUNTER[index]
-                        scope.tripped = make_trip(scope.name, index, threshold, used[index], limit, used)
+                        scope.tripped = make_trip(scope.name, index, threshold, used[index], used)
                         trips += ((scope, scope.tripped),)
         return trips
 
@@ -238,6 +193,8 @@ class MemoryStore:
             reservation.settled = True
             forecast = reservation.forecast
             for scope, checks in reservation.charges:
+                if scope.epoch > reservation.epoch:
+                    continue  # its holds went with the reset
                 reserved = scope.reserved
                 for index, _ in checks:
                     reserved[index] -= forecast[index]
@@ -253,7 +210,7 @@ class MemoryStore:
                 if scope.tripped is None:
                     for index, threshold in checks:
                         if index == SECONDS and used[SECONDS] >= threshold:
-                            trip = make_trip(scope.name, SECONDS, threshold, used[SECONDS], LIMIT_OF_COUNTER[SECONDS], used)
+                            trip = make_trip(scope.name, SECONDS, threshold, used[SECONDS], used)
                             scope.tripped = replace(trip, used=in_flight_used(used), consecutive_429s=scope.throttled)
                             refusal = Refusal(scope, scope.tripped, True, True)
                             break
@@ -279,7 +236,7 @@ class MemoryStore:
                 if scope.throttled >= limit and scope.tripped is None:
                     scope.tripped = Trip(
                         scope.name, "max_consecutive_429s", limit, scope.throttled,
-                        f"{scope.throttled} consecutive 429 (rate-limited) responses ({scope.throttled}/{_fmt(limit)})"
+                        f"{scope.throttled} consecutive 429 (rate-limited) responses ({scope.throttled}/{fmt(limit)})"
                         + _retry_after_note(retry_after),
                         in_flight_used(scope.used), scope.throttled,
                     )
@@ -288,7 +245,10 @@ class MemoryStore:
 
     def reset(self, scope):
         with self._lock:
+            self._epoch += 1
+            scope.epoch = self._epoch
             scope.used[:] = [0] * len(COUNTERS)
+            scope.reserved[:] = [0] * len(COUNTERS)
             scope.throttled = 0
             scope.tripped = None
             scope.loops = None  # the loop history goes with the circuit
@@ -302,4 +262,7 @@ class MemoryStore:
 
     def snapshot(self, scope):
         with self._lock:
-            return tuple(scope.used), scope.tripped, scope.throttled
+            return as_counters(scope.used), scope.tripped, scope.throttled
+
+
+RUNTIME.local = RUNTIME.store = MemoryStore()

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(args.dir, max_calls=args.max_calls)
         return 0
     if args.command == "config":
-        from ._bootstrap import BAD_CONFIG_EXIT, describe
+        from ._bootstrap import BAD_CONFIG_EXIT
+        from ._config import describe
         from ._config import resolve
         from ._errors import RunGuardConfigError
 

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-from ._runtime import log_once
+from ._runtime import RUNTIME, log_once
 
 _MTOK = 1_000_000.0
 
@@ -122,3 +122,6 @@ def clear_cache() -> None:
     with _lock:
         for table in _tables.values():
             table.clear()
+
+
+RUNTIME.on_reset(clear_cache)

@@ -23,7 +23,7 @@ import tempfile
 import threading
 from typing import Any, Callable
 
-from ._runtime import log_once
+from ._runtime import RUNTIME, log_once
 
 PER_MESSAGE = 4
 REPLY_PRIMING = 3
@@ -142,6 +142,24 @@ def _content_tokens(content: Any, count: Callable[[str], int]) -> int:
     return count(str(content))
 
 
+def text_of(content: Any) -> str:
+    """The text of a message or chunk ``content``: a string, or a list of parts (``{"type":
+    "text", "text": ...}`` dicts, or strings), as Databricks and LangChain stream it."""
+    if content is None:
+        return ""
+    if type(content) is str:
+        return content
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+        return "".join(texts)
+    return ""
+
+
 def _dumps(value: Any) -> str:
     try:
         return json.dumps(value, default=str, separators=(",", ":"))
@@ -224,3 +242,6 @@ def tools_tokens(tools: Any, model: str) -> int:
     if not tools:
         return 0
     return counter_for(model)(_dumps([_plain(tool) for tool in tools]))
+
+
+RUNTIME.on_reset(clear_encodings)

@@ -18,7 +18,7 @@ import openai  # noqa: E402
 import pytest  # noqa: E402
 
 import runguard_autolog as runguard  # noqa: E402
-from runguard_autolog import _artifacts, _recording, _runtime, _scopes, pricing, tokens  # noqa: E402
+from runguard_autolog import _recording, _runtime  # noqa: E402
 from runguard_autolog.testing import FakeOpenAIServer  # noqa: E402
 
 MODEL = "gpt-4o-mini"
@@ -67,16 +67,8 @@ def tracking(tmp_path, monkeypatch):
 def _clean():
     runguard.autolog(disable=True)
     _recording.flush(10)
-    _runtime.RUNTIME.store.reset(_scopes.PROCESS)
-    _scopes.PROCESS.reserved[:] = [0] * len(_scopes.COUNTERS)
-    _scopes._RUNS.clear()
-    _scopes._RUN_STARTS.clear()
-    _artifacts._ledgers.clear()
-    _recording._spanned_trips.clear()
-    _runtime._logged.clear()
+    _runtime.RUNTIME.reset()
     _runtime.set_strict(True)
-    tokens.clear_encodings()
-    pricing.clear_cache()
 
 
 @pytest.fixture(autouse=True)

@@ -222,7 +222,7 @@ def test_an_internal_failure_degrades_to_the_unguarded_langchain_call(llm, serve
     finally:
         _runtime.set_strict(True)
     assert server.count() == 1
-    assert sum("internal error during langchain preflight" in r.getMessage() for r in caplog.records) == 1
+    assert sum("internal error during preflight" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_identical_request_loop_through_langchain_only_when_enabled(llm, server):

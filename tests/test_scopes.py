@@ -157,7 +157,7 @@ def test_the_active_mlflow_run_is_a_scope_and_its_counters_are_dropped_at_run_en
     assert runguard.current().scope == "process"
     from runguard_autolog import _scopes
 
-    assert _scopes._RUNS == {}
+    assert _runtime.RUNTIME.runs == {}
 
 
 def test_innermost_is_the_most_recently_entered_of_sessions_and_the_run(client, server, tracking):

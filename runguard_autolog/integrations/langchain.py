@@ -7,28 +7,30 @@ same for ``BaseLLM``). ``mlflow.langchain.autolog()`` instead injects a callback
 into every ``BaseCallbackManager``; runguard tried that first, but merely having a
 handler on every manager makes LangChain do run bookkeeping for every runnable in a
 graph: about 66 us per agent turn for a handler that does nothing, more than this guard's
-whole budget (1/10 of ``ModelCallLimitMiddleware``). A trip raised here leaves the
-user's ``invoke`` as ``RunGuardTripped`` before the request is made, whatever callbacks
-are attached.
+whole budget. A trip raised here leaves the user's ``invoke`` as ``RunGuardTripped``
+before the request is made, whatever callbacks are attached.
 
-Counted once: while a LangChain model call is in flight it is marked in the context, so
-the patched openai SDK underneath (``ChatOpenAI``) passes straight through. Usage settles
-from the ``AIMessage``'s ``usage_metadata`` (else ``llm_output``); the tool calls the
-model asks for feed the loop watch; ``BaseTool.run``/``arun`` refuse to run a tool once
-the unit of work has tripped, so a repeated tool call is stopped before the tool runs
-again (LangGraph's default ``ToolNode`` error handling re-raises the trip).
+This module only reads: the guarded-call protocol (admission, settling, streams cut
+mid-flight, failures) is ``_guard``'s and ``_streams``'s. Counted once: while a LangChain
+model call is in flight it is marked, so the patched openai SDK underneath
+(``ChatOpenAI``) passes straight through. A ``generate`` over a batch of prompts is one
+admission of that many calls (all or none). Usage settles from the ``AIMessage``'s
+``usage_metadata`` (else ``llm_output``); the tool calls the model asks for feed the loop
+watch; ``BaseTool.run``/``arun`` refuse to run a tool once the unit of work has tripped,
+so a repeated tool call is stopped before the tool runs again (LangGraph's default
+``ToolNode`` error handling re-raises the trip).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
 from typing import Any
 
-from .. import _recording, pricing, tokens
+from .. import pricing, tokens
 from .._errors import RunGuardTripped
-from .._guard import (IN_CALL, IN_SYNC_CALL, admit, failed, in_flight, open_circuit, release_quietly, settle_quietly, trip_exception,
-                      watch_tool_calls)
+from .._call import Endpoint, Usage, open_circuit
 from .._loops import observe_tool_calls
 from .._patching import PatchSpec
 from .._runtime import RUNTIME, internal_error
@@ -46,332 +48,150 @@ _PROVIDERS = {
 }
 _INF = float("inf")
 
-
-class LangChainEndpoint:
-    """How to read a LangChain model call: the request from the callback's arguments, the
-    response from its ``LLMResult``. ``kwargs`` here is what the handler gathered."""
-
-    __slots__ = ("name", "kind", "provider", "prices")
-
-    def __init__(self, kind: str, provider: str | None) -> None:
-        self.name = "langchain.chat_model" if kind == "chat" else "langchain.llm"
-        self.kind = kind
-        self.provider = provider
-        self.prices = pricing.table_for(provider)
-
-    def forecast(self, kwargs: dict) -> tuple[str, int, int]:
-        model = kwargs["model"]
-        if self.kind == "chat":
-            prompt = tokens.messages_tokens(kwargs["messages"], model)
-        else:
-            prompt = sum(tokens.input_tokens(text, model) for text in kwargs["messages"])
-        if kwargs.get("tools"):
-            prompt += tokens.tools_tokens(kwargs["tools"], model)
-        return model, prompt, kwargs["cap"]
-
-    def request_payload(self, kwargs: dict) -> Any:
-        return {"messages": kwargs["messages"], "tools": kwargs.get("tools")}
-
-    @staticmethod
-    def read(generation_lists: list, llm_output: dict | None) -> tuple[tuple | None, list]:
-        """From an ``LLMResult``'s generations: (input, output, cached input) tokens or ``None``,
-        and (name, arguments, id) of each tool call the model asked for. One pass."""
-        usage, tool_calls = None, []
-        for generations in generation_lists or ():
-            for generation in generations:
-                message = getattr(generation, "message", None)
-                if message is None:
-                    continue
-                meta = message.usage_metadata if hasattr(message, "usage_metadata") else None
-                if meta:
-                    details = meta.get("input_token_details") or {}
-                    usage = usage or [0, 0, 0]
-                    usage[0] += int(meta.get("input_tokens") or 0)
-                    usage[1] += int(meta.get("output_tokens") or 0)
-                    usage[2] += int(details.get("cache_read") or 0)
-                for call in getattr(message, "tool_calls", None) or ():
-                    tool_calls.append((call.get("name"), call.get("args"), call.get("id")))
-        if usage is not None:
-            return tuple(usage), tool_calls
-        token_usage = (llm_output or {}).get("token_usage") or (llm_output or {}).get("usage")
-        if isinstance(token_usage, dict) and ("prompt_tokens" in token_usage or "input_tokens" in token_usage):
-            prompt = int(token_usage.get("prompt_tokens", token_usage.get("input_tokens")) or 0)
-            output = int(token_usage.get("completion_tokens", token_usage.get("output_tokens")) or 0)
-            return (prompt, output, 0), tool_calls
-        return None, tool_calls
-
-
 _counted: OrderedDict = OrderedDict()  # ids of tool calls already seen in a reply (bounded)
 _counted_lock = threading.Lock()
-_endpoints_by_class: dict[tuple[type, str], LangChainEndpoint] = {}  # (model class, kind) -> endpoint
+_providers: dict[type, str | None] = {}  # model class -> genai-prices provider
+RUNTIME.on_reset(_counted.clear)
+RUNTIME.on_reset(_providers.clear)
+RUNTIME.fork_safe(sys.modules[__name__], "_counted_lock", threading.Lock)
 
 
-def _endpoint_of(instance: Any, kind: str) -> LangChainEndpoint:
-    """The endpoint of a model class, its provider read from its LangSmith params once per
-    class (they cost ~17 us a call)."""
-    key = (type(instance), kind)
-    endpoint = _endpoints_by_class.get(key)
-    if endpoint is None:
+def _provider_of(instance: Any) -> str | None:
+    """A model class's provider, read from its LangSmith params once per class (they cost
+    ~17 us a call)."""
+    cls = type(instance)
+    if cls not in _providers:
         try:
             ls_provider = (instance._get_ls_params() or {}).get("ls_provider")
         except Exception:
             ls_provider = None
-        endpoint = _endpoints_by_class[key] = LangChainEndpoint(kind, _PROVIDERS.get(ls_provider or ""))
-    return endpoint
+        _providers[cls] = _PROVIDERS.get(ls_provider or "")
+    return _providers[cls]
 
 
-def _admit_one(instance: Any, kind: str, messages: list, call_kwargs: dict) -> Any:
-    """Admit one model call. ``call_kwargs`` are the keywords the model was called with (only
-    ``model``, the max-token caps, ``n`` and ``tools`` are read)."""
-    fields = instance.__dict__  # model fields (reading a missing pydantic attribute is slow)
-    model = call_kwargs.get("model") or fields.get("model_name") or fields.get("model") or fields.get("model_id") or ""
-    cap = call_kwargs.get("max_completion_tokens") or call_kwargs.get("max_tokens") \
-        or fields.get("max_completion_tokens") or fields.get("max_tokens") or fields.get("max_output_tokens")
-    if type(cap) is not int or cap < 0:
-        cap = 0
-    choices = call_kwargs.get("n") or fields.get("n")
-    if type(choices) is int and choices > 1:
-        cap *= choices
-    request = {"model": str(model), "messages": messages, "cap": cap, "tools": call_kwargs.get("tools")}
-    return admit(_endpoint_of(instance, kind), request)
+def _announce(tool_calls: list) -> None:
+    """Remember the ids of tool calls a reply asked for: running them is not a new loop step."""
+    with _counted_lock:
+        for entry in tool_calls:
+            if len(entry) > 2 and entry[2]:
+                _counted[entry[2]] = None
+        while len(_counted) > 1024:
+            _counted.popitem(last=False)
 
 
-def _admit_all(instance: Any, kind: str, batches: list, call_kwargs: dict) -> list:
-    """One admitted call per prompt (``generate`` takes a batch); all or none."""
-    if kind != "chat":
-        batches = [[prompt] for prompt in batches]  # an LLM's prompts are strings
-    if len(batches) == 1:
-        return [_admit_one(instance, kind, batches[0], call_kwargs)]
-    calls = []
-    try:
-        for messages in batches:
-            calls.append(_admit_one(instance, kind, list(messages), call_kwargs))
-    except BaseException:
-        for call in calls:
-            release_quietly(call)
-        raise
-    return calls
+class LangChainEndpoint(Endpoint):
+    """How to read a LangChain model call. Its request is a dict: ``model``, ``prompts`` (one
+    message list, or one string for an LLM, per model call), ``cap``, ``tools``, ``provider``."""
 
+    def __init__(self, kind: str, mode: str) -> None:
+        self.name = "langchain.chat_model" if kind == "chat" else "langchain.llm"
+        self.kind = kind  # "chat" or "completion"
+        self.mode = mode  # "generate" or "stream"
+        self.prices: dict = {}  # priced per call by the model class's provider (see rates)
 
-def _settle(call: Any, usage: Any, tool_calls: list) -> None:
-    settle_quietly(call, usage)  # no usage: charged its forecast (logged once)
-    if tool_calls and call.loop_repeats != _INF:
-        try:
-            with _counted_lock:
-                for _, _, call_id in tool_calls:
-                    if call_id:
-                        _counted[call_id] = None
-                while len(_counted) > 1024:
-                    _counted.popitem(last=False)
-            watch_tool_calls(call, [(name, args) for name, args, _ in tool_calls])
-        except Exception as error:
-            internal_error("langchain loop detection", error)
+    def request(self, instance: Any, args: tuple, kwargs: dict) -> dict:
+        if self.mode == "stream":
+            source = args[0] if args else kwargs.get("input")
+            prompt = instance._convert_input(source)
+            prompts = [prompt.to_messages() if self.kind == "chat" else prompt.to_string()]
+        else:
+            prompts = list(args[0] if args else kwargs.get("messages", kwargs.get("prompts")) or ())
+        fields = instance.__dict__  # model fields (reading a missing pydantic attribute is slow)
+        model = kwargs.get("model") or fields.get("model_name") or fields.get("model") or fields.get("model_id") or ""
+        cap = kwargs.get("max_completion_tokens") or kwargs.get("max_tokens") \
+            or fields.get("max_completion_tokens") or fields.get("max_tokens") or fields.get("max_output_tokens")
+        if type(cap) is not int or cap < 0:
+            cap = 0
+        choices = kwargs.get("n") or fields.get("n")
+        if type(choices) is int and choices > 1:
+            cap *= choices
+        return {"model": str(model), "prompts": prompts, "cap": cap, "tools": kwargs.get("tools"),
+                "provider": _provider_of(instance)}
 
+    def rates(self, model: str, request: Any) -> Any:
+        return pricing.rates_for(model, request["provider"])
 
-def _settle_result(calls: list, result: Any) -> None:
-    try:
-        generations = result.generations
-        if len(calls) == 1:
-            _settle(calls[0], *LangChainEndpoint.read(generations, result.llm_output))
-            return
-        for position, call in enumerate(calls):  # a batch: llm_output is the batch's sum, so unused
-            _settle(call, *LangChainEndpoint.read([generations[position]], None))
-    except Exception as error:
-        for call in calls:
-            if not call.settled:
-                settle_quietly(call, None)
-        internal_error("langchain settle", error)
+    def forecast(self, request: dict) -> tuple[str, int, int]:
+        model = request["model"]
+        prompt = 0
+        for each in request["prompts"]:
+            if self.kind == "chat":
+                prompt += tokens.messages_tokens(each, model)
+            else:
+                prompt += tokens.input_tokens(each, model)
+        if request["tools"]:
+            prompt += tokens.tools_tokens(request["tools"], model) * len(request["prompts"])
+        return model, prompt, request["cap"] * len(request["prompts"])
 
+    def calls(self, request: dict) -> int:
+        return max(1, len(request["prompts"]))
 
-def _failed(calls: list):
-    """The model raised: charge what its HTTP attempts used; the trip that stopped it, if any
-    (LangChain's callbacks and retries must not hide it)."""
-    stopped = None
-    for call in calls:
-        stopped = failed(call) or stopped
-    return stopped
+    def payload(self, request: dict) -> Any:
+        prompts = request["prompts"]
+        return {"messages": prompts[0] if len(prompts) == 1 else prompts, "tools": request["tools"]}
 
-
-def _batches(args: tuple, kwargs: dict) -> list:
-    """``generate``'s prompts (a list of message lists, or of strings for an LLM)."""
-    return args[0] if args else kwargs.get("messages", kwargs.get("prompts"))
-
-
-def _preflight(instance: Any, kind: str, args: tuple, kwargs: dict) -> list | None:
-    """The admitted calls of a ``generate``; ``None`` when runguard itself failed (the call
-    then goes ahead unguarded). A trip raises."""
-    try:
-        return _admit_all(instance, kind, _batches(args, kwargs), kwargs)
-    except RunGuardTripped:
-        raise
-    except Exception as error:
-        internal_error("langchain preflight", error)
+    def usage(self, result: Any) -> Usage | None:
+        """From an ``LLMResult``: the generations' ``usage_metadata`` summed, else ``llm_output``."""
+        usage = None
+        for generations in getattr(result, "generations", None) or ():
+            for generation in generations:
+                message = getattr(generation, "message", None)
+                meta = getattr(message, "usage_metadata", None) if message is not None else None
+                if meta:
+                    usage = _add(usage, meta)
+        if usage is not None:
+            return usage
+        llm_output = getattr(result, "llm_output", None) or {}
+        token_usage = llm_output.get("token_usage") or llm_output.get("usage")
+        if isinstance(token_usage, dict) and ("prompt_tokens" in token_usage or "input_tokens" in token_usage):
+            prompt = int(token_usage.get("prompt_tokens", token_usage.get("input_tokens")) or 0)
+            output = int(token_usage.get("completion_tokens", token_usage.get("output_tokens")) or 0)
+            return prompt, output, 0
         return None
 
+    def tool_calls(self, result: Any) -> list:
+        found = []
+        for generations in getattr(result, "generations", None) or ():
+            for generation in generations:
+                message = getattr(generation, "message", None)
+                for call in getattr(message, "tool_calls", None) or ():
+                    found.append((call.get("name"), call.get("args"), call.get("id")))
+        _announce(found)
+        return [(name, args) for name, args, _ in found]
 
-# NB: the sync and async drivers below are deliberately parallel: keep them in step.
-def _make_generate(kind: str):
-    def guard(wrapped, instance, args, kwargs):
-        calls = None if not RUNTIME.enabled or in_flight() is not None else _preflight(instance, kind, args, kwargs)
-        if calls is None:
-            return wrapped(*args, **kwargs)
-        mark = IN_SYNC_CALL
-        mark.call = calls[0]
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException:
-            mark.call = None
-            stopped = _failed(calls)
-            if stopped is not None:
-                raise stopped from None
-            raise
-        finally:
-            mark.call = None
-        _settle_result(calls, result)
-        return result
+    def streams(self, request: Any, result: Any) -> bool:
+        return False  # a stream entry is driven lazily (see PATCHES)
 
-    return guard
-
-
-def _make_agenerate(kind: str):
-    async def guard(wrapped, instance, args, kwargs):
-        calls = None if not RUNTIME.enabled or in_flight() is not None else _preflight(instance, kind, args, kwargs)
-        if calls is None:
-            return await wrapped(*args, **kwargs)
-        token = IN_CALL.set(calls[0])
-        try:
-            result = await wrapped(*args, **kwargs)
-        except BaseException:
-            stopped = _failed(calls)
-            if stopped is not None:
-                raise stopped from None
-            raise
-        finally:
-            IN_CALL.reset(token)
-        _settle_result(calls, result)
-        return result
-
-    return guard
-
-
-class _ChunkMeter:
-    """Usage and tool calls gathered from a LangChain stream's chunks."""
-
-    __slots__ = ("usage", "tools", "seen")
-
-    def __init__(self) -> None:
-        self.usage: list | None = None
-        self.tools: dict = {}
-        self.seen = False
-
-    def add(self, chunk: Any) -> None:
-        self.seen = True
+    # -- stream chunks (AIMessageChunk for a chat model, text for an LLM) -----------------------
+    def chunk_usage(self, chunk: Any, usage: Usage | None) -> Usage | None:
         meta = getattr(chunk, "usage_metadata", None)
-        if meta:
-            usage = self.usage = self.usage or [0, 0, 0]
-            usage[0] += int(meta.get("input_tokens") or 0)
-            usage[1] += int(meta.get("output_tokens") or 0)
-            usage[2] += int((meta.get("input_token_details") or {}).get("cache_read") or 0)
+        return _add(usage, meta) if meta else usage  # LangChain's chunk usage is additive
+
+    def chunk_text(self, chunk: Any) -> str:
+        if isinstance(chunk, str):
+            return chunk
+        text = tokens.text_of(getattr(chunk, "content", None))
         for part in getattr(chunk, "tool_call_chunks", None) or ():
-            entry = self.tools.setdefault(part.get("index"), ["", "", None])
+            text += (part.get("name") or "") + (part.get("args") or "")
+        return text
+
+    def chunk_tool_calls(self, chunk: Any, into: dict) -> None:
+        for part in getattr(chunk, "tool_call_chunks", None) or ():
+            entry = into.setdefault(part.get("index"), ["", "", None])
             entry[0] += part.get("name") or ""
             entry[1] += part.get("args") or ""
             entry[2] = entry[2] or part.get("id")
 
-    def settle(self, call: Any) -> None:
-        _settle(call, tuple(self.usage) if self.usage else None,
-                [(name, args, call_id) for name, args, call_id in self.tools.values() if name])
+    def stream_tool_calls(self, entries: list) -> list:
+        _announce(entries)
+        return [(name, args) for name, args, _ in entries if name]
 
 
-def _stream_request(instance: Any, kind: str, args: tuple, kwargs: dict) -> Any:
-    source = args[0] if args else kwargs.get("input")
-    prompt = instance._convert_input(source)
-    messages = prompt.to_messages() if kind == "chat" else [prompt.to_string()]
-    return _admit_one(instance, kind, messages, kwargs)
-
-
-def _stream_preflight(instance: Any, kind: str, args: tuple, kwargs: dict) -> Any:
-    """The admitted call of a stream; ``None`` when runguard itself failed. A trip raises."""
-    try:
-        return _stream_request(instance, kind, args, kwargs)
-    except RunGuardTripped:
-        raise
-    except Exception as error:
-        internal_error("langchain preflight", error)
-        return None
-
-
-def _make_stream(kind: str):
-    def guard(wrapped, instance, args, kwargs):
-        if not RUNTIME.enabled or in_flight() is not None:
-            return wrapped(*args, **kwargs)
-        return _metered(wrapped, instance, args, kwargs)
-
-    def _metered(wrapped, instance, args, kwargs):
-        call = _stream_preflight(instance, kind, args, kwargs)
-        if call is None:
-            yield from wrapped(*args, **kwargs)
-            return
-        inner, meter, mark = wrapped(*args, **kwargs), _ChunkMeter(), IN_SYNC_CALL
-        try:
-            while True:
-                mark.call = call
-                try:
-                    chunk = next(inner)
-                except StopIteration:
-                    break
-                finally:
-                    mark.call = None
-                meter.add(chunk)
-                yield chunk
-        except BaseException:  # failed, or the consumer stopped early (GeneratorExit)
-            inner.close()
-            stopped = None if meter.seen else failed(call)
-            if meter.seen:
-                meter.settle(call)
-            if stopped is not None:
-                raise stopped from None
-            raise
-        meter.settle(call)
-
-    return guard
-
-
-def _make_astream(kind: str):
-    def guard(wrapped, instance, args, kwargs):
-        if not RUNTIME.enabled or in_flight() is not None:
-            return wrapped(*args, **kwargs)
-        return _metered(wrapped, instance, args, kwargs)
-
-    async def _metered(wrapped, instance, args, kwargs):
-        call = _stream_preflight(instance, kind, args, kwargs)
-        if call is None:
-            async for chunk in wrapped(*args, **kwargs):
-                yield chunk
-            return
-        inner, meter = wrapped(*args, **kwargs), _ChunkMeter()
-        try:
-            while True:
-                token = IN_CALL.set(call)
-                try:
-                    chunk = await inner.__anext__()
-                except StopAsyncIteration:
-                    break
-                finally:
-                    IN_CALL.reset(token)
-                meter.add(chunk)
-                yield chunk
-        except BaseException:  # failed, or the consumer stopped early
-            await inner.aclose()
-            stopped = None if meter.seen else failed(call)
-            if meter.seen:
-                meter.settle(call)
-            if stopped is not None:
-                raise stopped from None
-            raise
-        meter.settle(call)
-
-    return guard
+def _add(usage: Usage | None, meta: dict) -> Usage:
+    details = meta.get("input_token_details") or {}
+    before = usage or (0, 0, 0)
+    return (before[0] + int(meta.get("input_tokens") or 0), before[1] + int(meta.get("output_tokens") or 0),
+            before[2] + int(details.get("cache_read") or 0))
 
 
 # -- tools -------------------------------------------------------------------------------------
@@ -394,8 +214,8 @@ def _check_tool(instance: Any, args: tuple, kwargs: dict) -> None:
         internal_error("langchain tool check", error)
         return
     if tripped is not None:
-        error = trip_exception(tripped)
-        _recording.refused(error, tripped, newly=False, target=f"tool {getattr(instance, 'name', '')}")
+        error = RunGuardTripped.from_trip(tripped)
+        RUNTIME.events.refused(error, tripped, False, f"tool {getattr(instance, 'name', '')}")
         if limits["on_trip"] == "raise":
             raise error
 
@@ -414,15 +234,19 @@ async def _tool_arun(wrapped, instance, args, kwargs):
 
 _CHAT = "langchain_core.language_models.chat_models"
 _LLMS = "langchain_core.language_models.llms"
+CHAT = LangChainEndpoint("chat", "generate")
+CHAT_STREAM = LangChainEndpoint("chat", "stream")
+LLM = LangChainEndpoint("completion", "generate")
+LLM_STREAM = LangChainEndpoint("completion", "stream")
 PATCHES = (
-    PatchSpec(_CHAT, "BaseChatModel.generate", wrapper=_make_generate("chat")),
-    PatchSpec(_CHAT, "BaseChatModel.agenerate", wrapper=_make_agenerate("chat")),
-    PatchSpec(_CHAT, "BaseChatModel.stream", wrapper=_make_stream("chat")),
-    PatchSpec(_CHAT, "BaseChatModel.astream", wrapper=_make_astream("chat")),
-    PatchSpec(_LLMS, "BaseLLM.generate", wrapper=_make_generate("completion")),
-    PatchSpec(_LLMS, "BaseLLM.agenerate", wrapper=_make_agenerate("completion")),
-    PatchSpec(_LLMS, "BaseLLM.stream", wrapper=_make_stream("completion")),
-    PatchSpec(_LLMS, "BaseLLM.astream", wrapper=_make_astream("completion")),
+    PatchSpec(_CHAT, "BaseChatModel.generate", CHAT),
+    PatchSpec(_CHAT, "BaseChatModel.agenerate", CHAT, is_async=True),
+    PatchSpec(_CHAT, "BaseChatModel.stream", CHAT_STREAM, lazy_stream=True),
+    PatchSpec(_CHAT, "BaseChatModel.astream", CHAT_STREAM, lazy_stream=True),
+    PatchSpec(_LLMS, "BaseLLM.generate", LLM),
+    PatchSpec(_LLMS, "BaseLLM.agenerate", LLM, is_async=True),
+    PatchSpec(_LLMS, "BaseLLM.stream", LLM_STREAM, lazy_stream=True),
+    PatchSpec(_LLMS, "BaseLLM.astream", LLM_STREAM, lazy_stream=True),
     PatchSpec("langchain_core.tools.base", "BaseTool.run", wrapper=_tool_run),
     PatchSpec("langchain_core.tools.base", "BaseTool.arun", wrapper=_tool_arun),
 )

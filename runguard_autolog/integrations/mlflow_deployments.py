@@ -21,27 +21,35 @@ from typing import Any
 
 from .. import pricing, tokens
 from .._attempts import Reader, sync_attempt
-from .._errors import RunGuardTripped
-from .._guard import IN_SYNC_CALL, admit, failed, in_flight, make_sync_guard
+from .._call import Endpoint, Usage
 from .._patching import PatchSpec
-from .._runtime import RUNTIME, internal_error
+from .._runtime import RUNTIME
 
 NAME = "mlflow_deployments"
 TARGET_MODULE = "mlflow.deployments"
 
 _route_models: dict[str, str] = {}  # gateway route -> the model its replies name
+RUNTIME.on_reset(_route_models.clear)
 
 
-class DeploymentsEndpoint:
-    """How to read a deployments client's ``predict(endpoint=..., inputs={...})``."""
+class DeploymentsEndpoint(Endpoint):
+    """How to read a deployments client's ``predict(endpoint=..., inputs={...})``; the request
+    is its arguments as keywords (``names``: the positional parameters, in order)."""
 
-    __slots__ = ("name", "provider", "prices")
     http_via_urllib3 = True  # its attempts are urllib3's (MLflow's http_request)
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, names: tuple[str, ...] = ("deployment_name", "inputs", "endpoint"),
+                 streaming: bool = False) -> None:
         self.name = name
+        self.names = names
+        self.streaming = streaming
         self.provider = "openai"  # the gateway answers in OpenAI's shape; prices by model name
         self.prices = pricing.table_for(self.provider)
+
+    def request(self, instance: Any, args: tuple, kwargs: dict) -> dict:
+        named = dict(zip(self.names, args))
+        named.update(kwargs)
+        return named
 
     def forecast(self, kwargs: dict) -> tuple[str, int, int]:
         route = kwargs.get("endpoint") or kwargs.get("deployment_name") or ""
@@ -80,7 +88,13 @@ class DeploymentsEndpoint:
             raise TypeError(f"unexpected usage shape from a deployments client: {usage!r:.200}")
         return prompt, output, cached
 
-    def request_payload(self, kwargs: dict) -> Any:
+    def learn(self, request: dict, result: Any) -> None:
+        """A gateway route names no model: price it by the model its first reply names."""
+        route = request.get("endpoint")
+        if isinstance(result, dict) and isinstance(result.get("model"), str) and isinstance(route, str):
+            _route_models.setdefault(route, result["model"])
+
+    def payload(self, kwargs: dict) -> Any:
         inputs = kwargs.get("inputs")
         if not isinstance(inputs, dict):
             return None
@@ -98,14 +112,14 @@ class DeploymentsEndpoint:
         return found
 
     # -- stream chunks (Databricks predict_stream: OpenAI-shaped dict chunks) ---------------
-    def chunk_usage(self, chunk: Any) -> tuple[int, int, int] | None:
-        return self.usage(chunk) if isinstance(chunk, dict) and chunk.get("usage") else None
+    def chunk_usage(self, chunk: Any, usage: Usage | None) -> Usage | None:
+        return self.usage(chunk) if isinstance(chunk, dict) and chunk.get("usage") else usage
 
     def chunk_text(self, chunk: Any) -> str:
         text = ""
         for choice in (chunk.get("choices") if isinstance(chunk, dict) else None) or ():
             delta = choice.get("delta") or {}
-            text += (delta.get("content") or "") if isinstance(delta, dict) else ""
+            text += tokens.text_of(delta.get("content")) if isinstance(delta, dict) else ""
         return text
 
     def chunk_tool_calls(self, chunk: Any, into: dict) -> None:
@@ -120,50 +134,6 @@ class DeploymentsEndpoint:
 
 PREDICT = DeploymentsEndpoint("mlflow.deployments.predict")
 PREDICT_STREAM = DeploymentsEndpoint("mlflow.deployments.predict_stream")
-_predict_guard = make_sync_guard(PREDICT)
-
-
-def _named(args: tuple, kwargs: dict) -> dict:
-    """``predict(deployment_name=None, inputs=None, endpoint=None)`` as keywords."""
-    named = dict(zip(("deployment_name", "inputs", "endpoint"), args))
-    named.update(kwargs)
-    return named
-
-
-def _predict(wrapped, instance, args, kwargs):
-    kwargs = _named(args, kwargs)
-    result = _predict_guard(wrapped, instance, (), kwargs)
-    try:
-        route = kwargs.get("endpoint")
-        if isinstance(result, dict) and isinstance(result.get("model"), str) and isinstance(route, str):
-            _route_models.setdefault(route, result["model"])
-    except Exception as error:
-        internal_error("learning a route's model", error)
-    return result
-
-
-def _predict_stream(wrapped, instance, args, kwargs):
-    """The request is sent as the stream is iterated, so the stream proxy marks the call."""
-    if not RUNTIME.enabled or in_flight() is not None:
-        return wrapped(*args, **kwargs)
-    kwargs = _named(args, kwargs)
-    try:
-        call = admit(PREDICT_STREAM, kwargs)
-    except RunGuardTripped:
-        raise
-    except Exception as error:
-        internal_error("preflight", error)
-        return wrapped(**kwargs)
-    try:
-        stream = wrapped(**kwargs)
-    except BaseException:
-        stopped = failed(call)
-        if stopped is not None:
-            raise stopped from None
-        raise
-    from .._streams import wrap_stream
-
-    return wrap_stream(stream, call)
 
 
 class Urllib3Reader(Reader):
@@ -196,7 +166,7 @@ class Urllib3Reader(Reader):
 
 
 def _requests_based_call():
-    call = IN_SYNC_CALL.call
+    call = RUNTIME.in_sync_call.call
     return call if call is not None and getattr(call.endpoint, "http_via_urllib3", False) else None
 
 
@@ -206,9 +176,10 @@ URLLIB3_ATTEMPTS = PatchSpec("urllib3.connectionpool", "HTTPConnectionPool._make
                              wrapper=sync_attempt(Urllib3Reader(), _requests_based_call))
 
 PATCHES = (
-    PatchSpec("mlflow.deployments.mlflow", "MlflowDeploymentClient.predict", wrapper=_predict),
-    PatchSpec("mlflow.deployments.databricks", "DatabricksDeploymentClient.predict", wrapper=_predict),
-    PatchSpec("mlflow.deployments.databricks", "DatabricksDeploymentClient.predict_stream", wrapper=_predict_stream),
-    PatchSpec("mlflow.deployments.openai", "OpenAIDeploymentClient.predict", wrapper=_predict),
+    PatchSpec("mlflow.deployments.mlflow", "MlflowDeploymentClient.predict", PREDICT),
+    PatchSpec("mlflow.deployments.databricks", "DatabricksDeploymentClient.predict", PREDICT),
+    PatchSpec("mlflow.deployments.databricks", "DatabricksDeploymentClient.predict_stream", PREDICT_STREAM,
+              lazy_stream=True),
+    PatchSpec("mlflow.deployments.openai", "OpenAIDeploymentClient.predict", PREDICT),
     URLLIB3_ATTEMPTS,
 )

@@ -21,7 +21,6 @@ from typing import Any
 from .. import tokens
 from .._errors import RunGuardTripped
 from .._evaluation import guard_genai_evaluate, guard_legacy_evaluate
-from .._guard import make_sync_guard
 from .._patching import PatchSpec
 from .mlflow_deployments import URLLIB3_ATTEMPTS, DeploymentsEndpoint
 
@@ -45,26 +44,18 @@ class JudgeEndpoint(DeploymentsEndpoint):
         cap = payload.get("max_completion_tokens") or payload.get("max_tokens")
         return model, prompt, cap if type(cap) is int and cap > 0 else 0
 
-    def request_payload(self, kwargs: dict) -> Any:
+    def learn(self, request: dict, result: Any) -> None:
+        pass
+
+    def payload(self, kwargs: dict) -> Any:
         return None  # a judge asked the same question twice is not an agent loop
 
     def tool_calls(self, result: Any) -> list:
         return []  # a trace judge's tool calls read the trace; they are not the agent's
 
 
-GENAI_JUDGE = JudgeEndpoint("mlflow.genai.judge")
-LEGACY_JUDGE = JudgeEndpoint("mlflow.metrics.genai.judge")
-
-
-def _judge_guard(endpoint: JudgeEndpoint, names: tuple[str, ...]):
-    guard = make_sync_guard(endpoint)
-
-    def judge_request(wrapped, instance, args, kwargs):
-        named = dict(zip(names, args))
-        named.update(kwargs)
-        return guard(wrapped, instance, (), named)
-
-    return judge_request
+GENAI_JUDGE = JudgeEndpoint("mlflow.genai.judge", ("endpoint", "headers", "payload", "num_retries"))
+LEGACY_JUDGE = JudgeEndpoint("mlflow.metrics.genai.judge", ("endpoint", "headers", "payload"))
 
 
 def _trip_is_not_a_rate_limit(wrapped, instance, args, kwargs):
@@ -72,8 +63,12 @@ def _trip_is_not_a_rate_limit(wrapped, instance, args, kwargs):
     matches "429" in the message, which a ``max_consecutive_429s`` trip carries), sleeping
     1 + 2 + 4 s first. A refusal does not pass by waiting."""
     error = args[0] if args else kwargs.get("exc")
-    if isinstance(error, RunGuardTripped):
-        return False
+    seen = 0
+    while error is not None and seen < 32:  # MLflow's judge adapters wrap it: ``raise ... from e``
+        if isinstance(error, RunGuardTripped):
+            return False
+        error = error.__cause__ or error.__context__
+        seen += 1
     return wrapped(*args, **kwargs)
 
 
@@ -83,10 +78,8 @@ _LEGACY_EVALUATE = ("mlflow", "mlflow.models", "mlflow.models.evaluation", "mlfl
 PATCHES = (
     *(PatchSpec(module, "evaluate", wrapper=guard_genai_evaluate) for module in _GENAI_EVALUATE),
     *(PatchSpec(module, "evaluate", wrapper=guard_legacy_evaluate) for module in _LEGACY_EVALUATE),
-    PatchSpec("mlflow.genai.judges.adapters.gateway_adapter", "send_chat_request", lazy=True,
-              wrapper=_judge_guard(GENAI_JUDGE, ("endpoint", "headers", "payload", "num_retries"))),
-    PatchSpec("mlflow.metrics.genai.model_utils", "_send_request", lazy=True,
-              wrapper=_judge_guard(LEGACY_JUDGE, ("endpoint", "headers", "payload"))),
+    PatchSpec("mlflow.genai.judges.adapters.gateway_adapter", "send_chat_request", GENAI_JUDGE, lazy=True),
+    PatchSpec("mlflow.metrics.genai.model_utils", "_send_request", LEGACY_JUDGE, lazy=True),
     PatchSpec("mlflow.genai.evaluation.rate_limiter", "is_rate_limit_error", lazy=True,
               wrapper=_trip_is_not_a_rate_limit),
     URLLIB3_ATTEMPTS,

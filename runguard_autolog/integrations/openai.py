@@ -17,15 +17,16 @@ from openai.types import CompletionUsage
 
 from .. import pricing, tokens
 from .._attempts import Reader, async_attempt, sync_attempt
-from .._fastpath import make_chat_guard
+from .._call import Endpoint as _Endpoint
+from .._call import Usage
 from .._patching import PatchSpec
 
 NAME = "openai"
 TARGET_MODULE = "openai"
 
 
-class Endpoint:
-    """How to read one kind of request/response."""
+class Endpoint(_Endpoint):
+    """How to read one kind of openai request/response (the request is the call's keywords)."""
 
     __slots__ = ("name", "kind", "provider", "prices")
 
@@ -38,7 +39,7 @@ class Endpoint:
     # -- request ---------------------------------------------------------------------------
     def forecast(self, kwargs: dict) -> tuple[str, int, int]:
         """(model, prompt-token estimate, output cap or 0)."""
-        model = kwargs.get("model") or ""
+        model: Any = kwargs.get("model") or ""
         if not isinstance(model, str):
             model = str(model)
         kind = self.kind
@@ -90,8 +91,13 @@ class Endpoint:
             return None
         return _read_usage(usage, self.kind)
 
-    def request_payload(self, kwargs: dict) -> Any:
-        """What makes two requests identical besides the model (``None``: not watched)."""
+    def streams(self, kwargs: dict, result: Any) -> bool | None:
+        if kwargs.get("stream") is not True:
+            return False
+        # a raw streaming response (``.with_raw_response``) cannot be metered: charged its forecast
+        return True if hasattr(result, "__next__") or hasattr(result, "__anext__") else None
+
+    def payload(self, kwargs: dict) -> Any:
         if self.kind == "chat":
             return {"messages": kwargs.get("messages"), "tools": kwargs.get("tools")}
         if self.kind == "responses":
@@ -132,14 +138,14 @@ class Endpoint:
         return []
 
     # -- stream chunks ---------------------------------------------------------------------
-    def chunk_usage(self, chunk: Any) -> tuple[int, int, int] | None:
+    def chunk_usage(self, chunk: Any, usage: Usage | None) -> Usage | None:
         if self.kind == "responses":
             if getattr(chunk, "type", "") not in _RESPONSES_FINAL:
-                return None
-            usage = getattr(chunk.response, "usage", None)
-            return _read_usage(usage, "responses") if usage is not None else None
-        usage = getattr(chunk, "usage", None)
-        return _read_usage(usage, self.kind) if usage is not None else None
+                return usage
+            found = getattr(chunk.response, "usage", None)
+            return _read_usage(found, "responses") if found is not None else usage
+        found = getattr(chunk, "usage", None)
+        return _read_usage(found, self.kind) if found is not None else usage
 
     def chunk_tool_calls(self, chunk: Any, into: dict) -> None:
         """Collect the tool calls a stream asks for: ``into[key] = [name, arguments text]``."""
@@ -175,7 +181,7 @@ class Endpoint:
             delta = getattr(choice, "delta", None)
             if delta is None:
                 continue
-            text += getattr(delta, "content", None) or ""
+            text += tokens.text_of(getattr(delta, "content", None))
             text += getattr(delta, "refusal", None) or ""
             for call in getattr(delta, "tool_calls", None) or ():
                 function = getattr(call, "function", None)
@@ -278,9 +284,7 @@ PATCHES: tuple[PatchSpec, ...] = (
     # every HTTP attempt, the client's own retries included (see _attempts)
     PatchSpec("openai._base_client", "SyncAPIClient._send_request", wrapper=sync_attempt(_READER)),
     PatchSpec("openai._base_client", "AsyncAPIClient._send_request", wrapper=async_attempt(_READER)),
-    # the commonest call has a one-frame fast path (see _fastpath); everything else is general
-    PatchSpec("openai.resources.chat.completions", "Completions.create", CHAT, is_async=False,
-              wrapper=make_chat_guard(CHAT)),
+    PatchSpec("openai.resources.chat.completions", "Completions.create", CHAT, is_async=False),
     PatchSpec("openai.resources.chat.completions", "Completions.parse", CHAT, is_async=False),
     PatchSpec("openai.resources.chat.completions", "AsyncCompletions.create", CHAT, is_async=True),
     PatchSpec("openai.resources.chat.completions", "AsyncCompletions.parse", CHAT, is_async=True),

@@ -1,0 +1,288 @@
+"""One guarded call, step by step: what an integration's reader declares (:class:`Endpoint`),
+what an admitted call holds (:class:`Call`), and the steps around it: :func:`begin` before
+the call, :func:`failed` when it raised, :func:`settle` after it. The drivers that run these
+steps around an SDK call are in ``_guard``; the stream driver in ``_streams``.
+
+NB: BE CAREFUL HERE: see ``_guard`` for the rules every step keeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ._counters import Trip, as_counters
+from ._errors import RunGuardTripped
+from ._loops import observe_request, observe_tool_calls
+from ._runtime import RUNTIME, internal_error, log_once
+from ._scopes import current_charges
+from ._store import Reservation
+from .pricing import rates_for
+
+_INF = float("inf")
+_UNPRICED = (0.0, 0.0, 0.0)  # a model genai-prices does not know costs 0 (documented)
+_MISSING = object()
+Usage = tuple  # (input tokens, output tokens, cached input tokens)
+
+
+class Endpoint:
+    """How to read one kind of SDK request and reply. Integrations subclass it; every method is
+    a pure reader (no I/O, no state) that may raise on a shape it does not know: the driver
+    turns that into "logged once, the call goes on"."""
+
+    name = "llm"
+    provider: str | None = None
+    prices: dict = {}
+
+    def request(self, instance: Any, args: tuple, kwargs: dict) -> Any:
+        """The request as the readers below take it (by default the call's keywords)."""
+        return kwargs
+
+    def forecast(self, request: Any) -> tuple[str, int, int]:
+        """(model, prompt-token estimate, output cap or 0) of the whole request."""
+        raise NotImplementedError
+
+    def rates(self, model: str, request: Any) -> Any:
+        """The model's prices when :attr:`prices` (this endpoint's cached table) lacks it."""
+        return rates_for(model, self.provider)
+
+    def calls(self, request: Any) -> int:
+        """How many model calls the request makes (a LangChain batch makes one per prompt)."""
+        return 1
+
+    def payload(self, request: Any) -> Any:
+        """What makes two requests identical besides the model (``None``: not watched)."""
+        return None
+
+    def usage(self, result: Any) -> Usage | None:
+        """(input, output, cached input) tokens of a reply, ``None`` when it carries none."""
+        return None
+
+    def tool_calls(self, result: Any) -> list:
+        """(name, arguments) of each tool call a reply asks for."""
+        return []
+
+    def streams(self, request: Any, result: Any) -> bool | None:
+        """Whether ``result`` is a stream to meter chunk by chunk (``None``: a stream this
+        reader cannot meter, such as a raw streaming response: it is charged its forecast)."""
+        return False
+
+    def chunk_usage(self, chunk: Any, usage: Usage | None) -> Usage | None:
+        """The stream's usage so far, given what earlier chunks said (``usage``)."""
+        return usage
+
+    def chunk_text(self, chunk: Any) -> str:
+        """The generated text a chunk carries (to count output as it arrives)."""
+        return ""
+
+    def chunk_tool_calls(self, chunk: Any, into: dict) -> None:
+        """Collect the tool calls a stream asks for: ``into[key] = [name, arguments text]``."""
+
+    def learn(self, request: Any, result: Any) -> None:
+        """Remember what a reply says about later requests (a route's model, say)."""
+
+    def stream_tool_calls(self, entries: list) -> list:
+        """The (name, arguments) of the tool calls :meth:`chunk_tool_calls` gathered."""
+        return [(entry[0], entry[1]) for entry in entries if entry[0]]
+
+
+class Call(Reservation):
+    """One admitted call: what it reserved, how to price and settle it, and its HTTP attempts.
+    Built by :func:`admit` (no ``__init__``: one Python frame less per billed call)."""
+
+    __slots__ = (
+        "endpoint", "request", "model", "rates", "flat", "prompt", "cap", "count", "on_trip", "loop_repeats",
+        "refusal",
+        # its HTTP attempts (see _attempts): how many left the process, whether the next one is
+        # a retry, seconds spent in them not yet charged, the trip that stopped a retry
+        "attempts", "retry_due", "seconds", "stopped",
+    )
+
+    def amounts(self, input_tokens: float, output_tokens: float, cached: float = 0) -> tuple:
+        """The counters (see ``_counters.COUNTERS``) this usage adds, priced."""
+        flat = self.flat
+        if flat is not None:
+            cost = (input_tokens - cached) * flat[0] + output_tokens * flat[1] + cached * flat[2]
+        else:
+            cost = self.rates.cost(input_tokens, output_tokens, cached)
+        count = self.count
+        return (count, count, input_tokens, output_tokens, input_tokens + output_tokens, cost, self.seconds)
+
+    def failure_amounts(self) -> tuple:
+        """What a call that raised after sending used: its first attempts (retries were charged
+        as they left) and their seconds; no tokens, no call."""
+        return (0, min(self.attempts, self.count), 0, 0, 0, 0, self.seconds)
+
+
+# NB: admit() and finish() run around every billed call. Between two SDK calls the CPU caches
+# are cold, so what costs here is mostly how many distinct functions and objects a call
+# touches (each Python function is a few cache misses, ~0.5 us in situ), far more than how
+# many lines run: helpers are inlined on purpose (see benchmarks/README.md).
+def admit(endpoint: Endpoint, request: Any) -> Call:
+    """Reserve this call in every open scope. A refusal is put on ``call.refusal`` (the driver
+    applies the policy); anything this raises is runguard's own failure."""
+    charges, limits = current_charges()
+    model, prompt, cap = endpoint.forecast(request)
+    count = endpoint.calls(request)
+    rates = endpoint.prices.get(model, _MISSING)
+    if rates is _MISSING:
+        rates = endpoint.rates(model, request)
+    flat = _UNPRICED if rates is None else rates.flat  # None: tiered prices
+    call = Call()
+    call.charges = charges
+    call.settled = False
+    call.lease = None
+    call.endpoint = endpoint
+    call.request = request
+    call.model = model
+    call.rates = rates
+    call.flat = flat
+    call.prompt = prompt
+    call.cap = cap
+    call.count = count
+    call.on_trip = on_trip = limits["on_trip"]
+    call.loop_repeats = limits["loop_repeats"]
+    call.refusal = None
+    call.attempts = 0
+    call.retry_due = False
+    call.seconds = 0.0
+    call.stopped = None
+    cost = prompt * flat[0] + cap * flat[1] if flat is not None else rates.cost(prompt, cap)
+    call.forecast = (count, count, prompt, cap, prompt + cap, cost, 0)
+    # signals that are not counters open the innermost scope's circuit first; reserve() then
+    # refuses the call like any other in a tripped scope
+    window = None if rates is None else rates.context_window
+    if window:
+        if prompt > limits["max_context_fraction"] * window:
+            open_circuit(charges[-1][0], _context_trip(charges[-1][0], model, prompt, window, limits))
+    else:
+        log_once(("no-window", model), "runguard: no context window known for model %r; context "
+                 "overflow is not checked for it. Logged once.", model)
+    if limits["loop_identical_requests"] != _INF:
+        payload = endpoint.payload(request)
+        if payload is not None:
+            trip = observe_request(charges[-1][0], model, payload, limits["loop_identical_requests"])
+            if trip is not None:
+                open_circuit(charges[-1][0], trip)
+    call.refusal = RUNTIME.store.reserve(call, on_trip == "raise")
+    return call
+
+
+def _context_trip(scope: Any, model: str, prompt: int, window: int, limits: dict) -> Trip:
+    fraction = limits["max_context_fraction"]
+    return Trip(
+        scope.name, "max_context_fraction", fraction, prompt,
+        f"context overflow: the prompt is forecast at {prompt} tokens, over {fraction:g} of "
+        f"{model}'s {window}-token context window ({int(fraction * window)} tokens)",
+        as_counters(scope.used),
+    )
+
+
+def open_circuit(scope: Any, trip: Trip) -> None:
+    """Open a scope's circuit for a signal that is not a counter; record it if it is new."""
+    if RUNTIME.store.trip(scope, trip) is trip:
+        RUNTIME.events.tripped(trip, scope)
+
+
+def refuse(call: Any, trip: Trip, newly: bool, target: str) -> None:
+    """Record a refusal, then apply the on_trip policy: raise the trip, warn (shadow mode), or
+    hand it to the callable, whose exception (any) stops the call and reaches the caller."""
+    error = RunGuardTripped.from_trip(trip)
+    try:
+        RUNTIME.events.refused(error, trip, newly, target)
+    except Exception as failure:  # recording never replaces the trip
+        log_once(("record-refusal", type(failure).__name__), "runguard: could not record a refusal (%s)",
+                 type(failure).__name__)
+    policy = call.on_trip
+    if policy == "raise":
+        raise error
+    if policy == "warn":
+        log_once(("warn", trip.scope, trip.limit), "runguard (shadow mode): would refuse %s: %s; the call "
+                 "was sent", target, trip.reason)
+        return
+    try:
+        policy(error)
+    except BaseException:
+        _quietly(RUNTIME.store.release, call, "release")
+        raise
+
+
+def _quietly(step: Callable[[Any], Any], call: Any, stage: str) -> None:
+    try:
+        step(call)
+    except Exception as error:
+        internal_error(stage, error)
+
+
+# -- the three steps every driver runs ------------------------------------------------------
+def begin(endpoint: Endpoint, instance: Any, args: tuple, kwargs: dict) -> Call | None:
+    """Admit the call, or refuse it before it is sent. ``None``: runguard itself failed, and
+    the caller makes the call once, unguarded. Raises only the trip (or ``on_trip``'s own)."""
+    try:
+        call = admit(endpoint, endpoint.request(instance, args, kwargs))
+    except Exception as error:
+        internal_error("preflight", error)  # strict mode (tests) re-raises
+        return None
+    refusal = call.refusal
+    if refusal is not None:
+        refuse(call, refusal.trip, refusal.new, endpoint.name)
+    return call
+
+
+def failed(call: Call) -> RunGuardTripped | None:
+    """The SDK call raised. Charge what its HTTP attempts used, or drop the hold if none left
+    the process. Returns the trip that stopped it when runguard did: an SDK that wraps
+    transport errors (MLflow's deployments client, LangChain's retries) must not hide it."""
+    try:
+        if call.attempts:
+            for scope, trip in RUNTIME.store.settle(call, call.failure_amounts(), ok=False):
+                RUNTIME.events.tripped(trip, scope)
+        else:
+            RUNTIME.store.release(call)
+    except Exception as error:
+        _last_resort(call, charge=False)
+        internal_error("release", error)
+    return call.stopped
+
+
+def settle(call: Call, usage: Usage | None) -> None:
+    """Charge the actual usage (or, lacking it, the forecast) and trip scopes that reached a limit."""
+    if usage is None:
+        log_once(("no-usage", call.endpoint.name), "runguard: %s returned no usage; the call is charged its "
+                 "forecast instead", call.endpoint.name)
+        usage = (call.prompt, call.cap, 0)
+    for scope, trip in RUNTIME.store.settle(call, call.amounts(*usage)):
+        RUNTIME.events.tripped(trip, scope)
+
+
+def settle_quietly(call: Call, usage: Usage | None = None) -> None:
+    """:func:`settle` that never raises (strict mode aside) and never leaks the hold."""
+    try:
+        settle(call, usage)
+    except Exception as error:
+        _last_resort(call)
+        internal_error("settle", error)
+
+
+def _last_resort(call: Call, charge: bool = True) -> None:
+    """Settling failed: a reply came, so charge the call its forecast (``charge``); failing
+    that, drop its hold. Either way the hold never outlives the call."""
+    if call.settled:
+        return
+    try:
+        if not charge:
+            raise LookupError
+        RUNTIME.store.settle(call, call.forecast)
+    except Exception:
+        try:
+            RUNTIME.store.release(call)
+        except Exception:
+            pass
+
+
+def watch_tool_calls(call: Call, tool_calls: list) -> None:
+    """Feed the tool calls a reply asks for, ``(name, arguments)``, to the innermost scope's loop watch."""
+    if tool_calls:
+        scope = call.charges[-1][0]
+        trip = observe_tool_calls(scope, tool_calls, call.loop_repeats)
+        if trip is not None:
+            open_circuit(scope, trip)
