@@ -32,6 +32,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import sys
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ class _Ledger:
 _ledgers: dict[str, _Ledger] = {}
 RUNTIME.on_reset(_ledgers.clear)
 _lock = threading.Lock()
+RUNTIME.fork_safe(sys.modules[__name__], "_lock", threading.Lock)
 
 
 def _limits() -> tuple[float, float, str]:

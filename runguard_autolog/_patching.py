@@ -58,6 +58,7 @@ _installed: dict[tuple[str, str], Any] = {}
 _dormant: dict[tuple[str, str], Any] = {}
 _hooked: set[str] = set()  # integrations whose root module has a post-import hook
 _lock = threading.RLock()
+RUNTIME.fork_safe(sys.modules[__name__], "_lock", threading.RLock)
 
 
 def _wrapper_for(spec: PatchSpec) -> Callable[..., Any]:

@@ -116,6 +116,10 @@ class Runtime:
         another thread at fork() would otherwise stay held for ever in the child."""
         self._fork_locks.append((weakref.ref(owner), attribute, factory))
 
+    def at_fork(self, owner: Any, method: str) -> None:
+        """Call ``owner.<method>()`` in a forked child (for state more involved than a lock)."""
+        self._fork_locks.append((weakref.ref(owner), "", lambda: method))
+
     def _after_fork(self) -> None:
         self.lock = threading.RLock()
         self.logged_lock = threading.Lock()
@@ -124,7 +128,10 @@ class Runtime:
         for ref, attribute, factory in self._fork_locks:
             owner = ref()
             if owner is not None:
-                setattr(owner, attribute, factory())
+                if attribute:
+                    setattr(owner, attribute, factory())
+                else:
+                    getattr(owner, factory())()
                 alive.append((ref, attribute, factory))
         self._fork_locks[:] = alive
 

@@ -61,6 +61,7 @@ REPROBE_S = 1.0  # while the store is down, try it again at most this often
 SETTLE_DELAY_S = 0.05  # a settle no call carries within this is sent on its own
 RECLAIM_PER_CALL = 32  # expired leases a reservation reclaims (amortised O(1))
 MAX_UNSETTLED = 10_000  # settles kept for reconciliation while the store is down
+SETTLED_KEEP_S = 3600  # a settle re-sent within this long after the first is applied once
 
 # -- Lua ---------------------------------------------------------------------------------------
 # What a call waits for is one reserve: few arguments (each costs the client time to encode),
@@ -123,10 +124,28 @@ local function settle_into(v, dirty, held, usage)
     dirty[index + 1] = true
   end
 end
--- the lease's window start and holds, or nil when it is gone (reclaimed after its expiry)
+local function lease_id(member) return string.match(member, '^([^|]*)') end
+-- the lease's window start and holds, or nil when it is gone (reclaimed after its expiry, or
+-- never made). ``member`` may be '#<lease id>': a reservation whose reply never arrived.
 local function take_lease(member)
-  if member ~= '' and redis.call('ZREM', KEYS[1], member) == 1 then return lease_parts(member) end
+  if member == '' then return nil, nil end
+  if string.sub(member, 1, 1) == '#' then
+    member = redis.call('HGET', KEYS[2], string.sub(member, 2))
+    if not member then return nil, nil end
+  end
+  if redis.call('ZREM', KEYS[1], member) == 1 then
+    redis.call('HDEL', KEYS[2], lease_id(member))
+    return lease_parts(member)
+  end
   return nil, nil
+end
+-- true the first time a lease is settled (or released): a settle re-sent after a timeout
+-- whose script did run is applied once
+local function first_settle(member, now)
+  local id = member
+  if string.sub(id, 1, 1) == '#' then id = string.sub(id, 2) else id = lease_id(id) end
+  if id == '' then return true end
+  return redis.call('ZADD', KEYS[3], 'NX', now, id) == 1
 end
 local function trip_of(index, threshold_text, observed, forecast, v)
   return cjson.encode({index, threshold_text, observed, forecast, {v[1], v[2], v[3], v[4], v[5], v[6], v[7]}})
@@ -164,6 +183,7 @@ local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, RE
 if #expired > 0 then
   redis.call('ZREM', KEYS[1], unpack(expired))
   for _, member in ipairs(expired) do
+    redis.call('HDEL', KEYS[2], lease_id(member))
     local lease_start, held = lease_parts(member)
     if lease_start == start then
       unhold(v, held, dirty)
@@ -179,16 +199,20 @@ end
 local opened = 0
 if ARGV[5] ~= '' then
   for member, fallback, usage in string.gmatch(ARGV[5], '([^~;]*)~([^~;]*)~([^~;]*)') do
-    local settle_start, held = take_lease(member)
-    settle_start = settle_start or fallback
-    if settle_start == start then
-      settle_into(v, dirty, held, usage)
-    else  -- a call of an earlier window
-      local other, other_dirty = load(key(settle_start)), {}
-      settle_into(other, other_dirty, held, usage)
-      save(key(settle_start), settle_start, other, other_dirty)
+    if first_settle(member, now) then
+      local settle_start, held = take_lease(member)
+      settle_start = settle_start or fallback
+      if settle_start == '' then settle_start = start end
+      if settle_start == start then
+        settle_into(v, dirty, held, usage)
+      else  -- a call of an earlier window
+        local other, other_dirty = load(key(settle_start)), {}
+        settle_into(other, other_dirty, held, usage)
+        save(key(settle_start), settle_start, other, other_dirty)
+      end
     end
   end
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - SETTLED_KEEP_MS)
   if not v.trip then
     for _, c in ipairs(checks) do
       if v[c[1] + 1] >= tonumber(c[2]) then
@@ -225,16 +249,20 @@ for _, c in ipairs(checks) do
 end
 save(wkey, start, v, dirty)
 redis.call('ZADD', KEYS[1], now + lease_ms, member)
+redis.call('HSET', KEYS[2], ARGV[2], member)
 if status == 1 then return tonumber(start) end
 if status == 2 then status = 3 end
 return {status, start, member, trip, sticky, opened}
-""".replace("RECLAIM_PER_CALL", str(RECLAIM_PER_CALL))
+""".replace("RECLAIM_PER_CALL", str(RECLAIM_PER_CALL)).replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
 
 # ARGV[2] lease ('' for none), ARGV[3] window start to charge when the lease is gone ('' for the
 # current one), ARGV[4] checks "<index>:<threshold>,...", ARGV[5] usage "<index>:<amount>,...".
 # Drops the lease's holds (unless it was reclaimed meanwhile), adds the usage, and trips a
 # limit it reached. Returns {start, trip or false} (a trip this settle opened).
 _SETTLE = _PRELUDE + """
+local _, now = clock()
+if not first_settle(ARGV[2], now) then return {ARGV[3], false} end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - SETTLED_KEEP_MS)
 local start, held = take_lease(ARGV[2])
 if not start then
   if ARGV[3] ~= '' then start = ARGV[3] else start = window_start(clock()) end
@@ -254,7 +282,7 @@ for index, threshold in string.gmatch(ARGV[4], '(%d):([^:,]+)') do
   end
 end
 return {start, false}
-"""
+""".replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
 
 # One more HTTP attempt of an admitted call. ARGV[2] its window start, ARGV[3] seconds spent so
 # far, ARGV[4] checks "<index>:<threshold>,...". Returns {1} admitted (one more request used),
@@ -371,9 +399,11 @@ def _no_script_error() -> type:
 
 
 def _outage_errors() -> tuple:
+    """Every error the store can answer is an outage (down, slow, out of memory, read-only,
+    auth): ``store_outage`` decides, never a silent admit."""
     import redis
 
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+    return (redis.exceptions.RedisError, OSError)
 
 
 class SharedBudget:
@@ -404,7 +434,7 @@ class SharedBudget:
         self._client = connect(url)
         self._outage_error_types = _outage_errors()
         self._prefix = prefix = f"runguard:{{{name}}}"
-        self._keys = [f"{prefix}:leases"]
+        self._keys = [f"{prefix}:leases", f"{prefix}:ids", f"{prefix}:settled"]
         self._head = [f"{prefix}|{self.window}|{int(lease_s * 1000)}"]
         self._scripts = {
             name: self._client.register_script(source)
@@ -423,12 +453,19 @@ class SharedBudget:
         self._pending: collections.deque = collections.deque()  # settles not yet sent: (lease, actual, where)
         self._sending = 0  # settles taken from _pending whose reply has not arrived
         self._sent = threading.Condition(self._lock)
+        RUNTIME.at_fork(self, "_after_fork")
         self._unsettled: list[tuple[str, str, tuple]] = []  # settles the store did not receive
         self._reconcile_due = False
         self._wake = threading.Event()
         self._writer_parked = True  # waiting for work (woken by a settle), not polling
         self._stopping = False
         self._writer_pid = None
+
+    def _after_fork(self) -> None:
+        """A forked child gets fresh locks (another thread may hold the parent's), and none of
+        the parent's queued settles or leases (see _start_writer)."""
+        self._lock = threading.Lock()
+        self._sent = threading.Condition(self._lock)
 
     # -- store calls ---------------------------------------------------------------------
     def _run(self, script: str, args: list) -> Any:
@@ -442,7 +479,7 @@ class SharedBudget:
         if conn is None or mine.pid != _PID[0]:
             conn = mine.conn = self._client.connection_pool.make_connection()
             mine.pid = _PID[0]
-        command = conn.pack_command("EVALSHA", self._reserve_sha, 1, self._keys[0], self._head[0], *args)
+        command = conn.pack_command("EVALSHA", self._reserve_sha, len(self._keys), *self._keys, self._head[0], *args)
         try:
             try:
                 conn.send_packed_command(command, check_health=False)
@@ -474,7 +511,7 @@ class SharedBudget:
                                    ";".join(f"{m}~{s}~{_usage(a)}" for (m, s), a, _ in carried)])
         except self._outage_error_types as error:
             self._owe_all(carried)
-            return self._outage(reservation, error)
+            return self._outage(reservation, error, lease_id)
         finally:
             if carried:
                 self._done_sending(len(carried))
@@ -542,7 +579,7 @@ class SharedBudget:
     def reset(self) -> None:
         """Zero the counters of every window, drop every lease and close the circuit (whatever
         window length the budget's processes use)."""
-        self._client.delete(*self._window_keys(), self._keys[0])
+        self._client.delete(*self._window_keys(), *self._keys)
 
     # -- trips -----------------------------------------------------------------------------
     def _trip(self, raw: Any) -> Trip:
@@ -582,13 +619,15 @@ class SharedBudget:
                 self._owe_all(settles)
                 return
             for reply, ((member, start), actual, where) in zip(replies, settles):
-                if isinstance(reply, Exception):  # NOSCRIPT after a restart of the store: once more, loading it
+                if isinstance(reply, self._no_script):  # after a restart of the store: once more, loading it
                     try:
                         reply = script(keys=self._keys, args=self._head + self._settle_args(member, start, actual))
                     except self._outage_error_types as error:
-                        self._mark_down(error)
-                        self._owe(member, start, actual)
-                        continue
+                        reply = error
+                if isinstance(reply, Exception):  # kept and sent again: settles are applied once
+                    self._mark_down(reply)
+                    self._owe(member, start, actual)
+                    continue
                 if reply[1]:
                     RUNTIME.events.tripped(self._trip(reply[1]), self.scope, where)
         finally:
@@ -620,12 +659,17 @@ class SharedBudget:
         log_once(("store-down", self.name), "runguard: the shared budget's store %s is unreachable (%s: %s); "
                  "store_outage=%r. Logged once.", self.shown_url, type(error).__name__, error, self.outage)
 
-    def _outage(self, reservation, error: BaseException | None) -> Refusal | None:
+    def _outage(self, reservation, error: BaseException | None, lease_id: str = "") -> Refusal | None:
+        """The store did not answer a reserve. ``lease_id``: the reserve that was sent, whose
+        script may still have run: its holds are released once the store answers again."""
         if error is not None:
             self._mark_down(error)
         if self.outage == "fail_open":
-            reservation.lease = ("", self._local_window_start())  # settled into the budget later
+            # settled into the budget later, by id: applied once, releasing the late lease if any
+            reservation.lease = (f"#{lease_id}" if lease_id else "#", self._local_window_start())
             return None
+        if lease_id:
+            self._owe(f"#{lease_id}", "", ())
         trip = Trip(
             self.scope.name, "store_outage", None, None,
             f"shared budget {self.name!r}: its store {self.shown_url} is unreachable; calls are refused "
@@ -652,9 +696,9 @@ class SharedBudget:
         for (member, start), actual, _ in settles:
             self._owe(member, start, actual)
 
-    def owe_offline(self, start: str, actual: tuple) -> None:
+    def owe_offline(self, lease: tuple, actual: tuple) -> None:
         """A call admitted while the store was down (fail_open) used this."""
-        self._owe("", start, tuple(actual))
+        self._owe(lease[0], lease[1], tuple(actual))
 
     def _back_up(self) -> None:
         """The store answers again: the writer sends what was settled while it was down."""
@@ -787,10 +831,9 @@ class SharedStore:
             return refusal
         try:
             shared = self.budget.reserve(reservation, enforce)
-        except Exception as error:
+        except Exception as error:  # runguard's own failure here is an outage too: never an admit
             reservation.lease = None
-            internal_error("reserving in the shared budget", error)
-            return refusal
+            shared = self.budget._outage(reservation, error)
         if shared is not None and enforce:
             self.local.release(reservation)
             return shared
@@ -810,10 +853,10 @@ class SharedStore:
             return ()
         trips = self.local.settle(reservation, actual, ok)
         if lease is not None:
-            if lease[0]:  # its trips are recorded by the writer, on this thread's run
+            if not lease[0].startswith("#"):  # its trips are recorded by the writer, on this thread's run
                 self.budget.settle(lease, actual, RUNTIME.events.run_info())
-            else:  # admitted while the store was down (fail_open): owed to the budget
-                self.budget.owe_offline(lease[1], tuple(actual))
+            else:  # admitted while the store was down (fail_open): owed to the budget, applied once
+                self.budget.owe_offline(lease, tuple(actual))
         return trips
 
     def release(self, reservation):
@@ -821,7 +864,7 @@ class SharedStore:
         if not live:
             return
         self.local.release(reservation)
-        if lease is not None and lease[0]:
+        if lease is not None and not lease[0].startswith("#"):
             self.budget.release(lease)
 
     def retry(self, reservation, seconds):
@@ -829,7 +872,7 @@ class SharedStore:
         if refusal is not None:
             return refusal
         lease = getattr(reservation, "lease", None)
-        if lease is None or not lease[0]:
+        if lease is None or lease[0].startswith("#"):
             return None
         return self.budget.retry(lease, seconds)
 

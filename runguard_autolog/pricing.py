@@ -9,6 +9,7 @@ treat its calls as costing 0 USD.
 
 from __future__ import annotations
 
+import sys
 import threading
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -70,6 +71,7 @@ class Rates:
 # provider -> {model: Rates or None}; the guard reads a provider's table directly (one dict get)
 _tables: dict[str | None, dict[str, Rates | None]] = {}
 _lock = threading.Lock()
+RUNTIME.fork_safe(sys.modules[__name__], "_lock", threading.Lock)
 
 
 def table_for(provider: str | None = "openai") -> dict[str, Rates | None]:

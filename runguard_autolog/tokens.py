@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+import sys
 import threading
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ IMAGE_TOKENS = 765
 _registered: list[tuple[str, Any]] = []
 _counters: dict[str, Callable[[str], int]] = {}  # model -> exact counter, or estimate_text
 _lock = threading.Lock()
+RUNTIME.fork_safe(sys.modules[__name__], "_lock", threading.Lock)
 
 
 def estimate_text(text: str) -> int:

@@ -172,9 +172,10 @@ class RedisServer:
     stopped, frozen (SIGSTOP: it accepts connections but never answers) and started again on
     the same port."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, *extra: str) -> None:
         self.directory = Path(directory)
         self.port = port or free_port()
+        self.extra = extra  # more redis-server arguments
         self.process: subprocess.Popen | None = None
 
     @property
@@ -187,7 +188,7 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed (Debian package redis-server)")
         self.process = subprocess.Popen(
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)],
+             "--dir", str(self.directory), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         deadline = time.monotonic() + 10
