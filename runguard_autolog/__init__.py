@@ -20,32 +20,32 @@ README for the table.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from . import _patching
+from . import _patching, _recording
 from ._config import env_flag, resolve
 from ._errors import RunGuardConfigError, RunGuardTripped
 from ._evaluation import guarded_evaluate
-from . import _recording
 from ._runtime import RUNTIME, logger
 from ._scopes import Snapshot, current, reset, session
 from ._shared import SharedSnapshot, budget_from, use_shared
 from .tokens import register_encoding
 
 __all__ = [
-    "autolog",
-    "session",
-    "current",
-    "reset",
-    "guarded_evaluate",
-    "flush",
-    "register_encoding",
-    "config",
-    "reset_shared",
-    "current_shared",
-    "RunGuardTripped",
     "RunGuardConfigError",
+    "RunGuardTripped",
     "Snapshot",
+    "autolog",
+    "config",
+    "current",
+    "current_shared",
+    "flush",
+    "guarded_evaluate",
+    "register_encoding",
+    "reset",
+    "reset_shared",
+    "session",
 ]
 __version__ = "0.1.0"
 
@@ -53,29 +53,29 @@ __version__ = "0.1.0"
 def autolog(
     *,
     disable: bool = False,
-    max_calls: int | float | str | None = None,
-    max_input_tokens: int | float | str | None = None,
-    max_output_tokens: int | float | str | None = None,
-    max_total_tokens: int | float | str | None = None,
+    max_calls: float | str | None = None,
+    max_input_tokens: float | str | None = None,
+    max_output_tokens: float | str | None = None,
+    max_total_tokens: float | str | None = None,
     max_cost_usd: float | str | None = None,
-    max_requests: int | float | str | None = None,
-    max_consecutive_429s: int | float | str | None = None,
+    max_requests: float | str | None = None,
+    max_consecutive_429s: float | str | None = None,
     max_request_latency_s: float | str | None = None,
-    max_artifact_writes: int | float | str | None = None,
-    max_artifact_bytes: int | float | str | None = None,
-    max_eval_llm_calls: int | float | str | None = None,
-    loop_repeats: int | float | str | None = None,
-    loop_identical_requests: int | float | str | None = None,
+    max_artifact_writes: float | str | None = None,
+    max_artifact_bytes: float | str | None = None,
+    max_eval_llm_calls: float | str | None = None,
+    loop_repeats: float | str | None = None,
+    loop_identical_requests: float | str | None = None,
     max_context_fraction: float | str | None = None,
     on_trip: str | Callable[[RunGuardTripped], Any] | None = None,
     artifact_breach: str | None = None,
     store: str | None = None,
     shared_budget: str | None = None,
-    shared_max_calls: int | float | str | None = None,
-    shared_max_requests: int | float | str | None = None,
-    shared_max_input_tokens: int | float | str | None = None,
-    shared_max_output_tokens: int | float | str | None = None,
-    shared_max_total_tokens: int | float | str | None = None,
+    shared_max_calls: float | str | None = None,
+    shared_max_requests: float | str | None = None,
+    shared_max_input_tokens: float | str | None = None,
+    shared_max_output_tokens: float | str | None = None,
+    shared_max_total_tokens: float | str | None = None,
     shared_max_cost_usd: float | str | None = None,
     shared_max_request_latency_s: float | str | None = None,
     shared_window: str | int | None = None,
@@ -142,14 +142,15 @@ def _budget_named(name: str | None, store: str | None):
         import os
 
         if "RUNGUARD_STORE" not in os.environ:
-            raise RunGuardConfigError("runguard: which store holds the shared budget? pass store='redis://…' "
-                                      "or set RUNGUARD_STORE")
+            raise RunGuardConfigError(
+                "runguard: which store holds the shared budget? pass store='redis://…' or set RUNGUARD_STORE"
+            )
         store = parse_store(os.environ["RUNGUARD_STORE"], "RUNGUARD_STORE")
     else:
         store = parse_store(store)
     if store == "memory":
         raise RunGuardConfigError("runguard: shared budgets live in Redis; store='memory' holds none")
-    return SharedBudget(name, store, {}), True
+    return SharedBudget(str(name), store, {}), True
 
 
 def reset_shared(name: str | None = None, store: str | None = None) -> None:

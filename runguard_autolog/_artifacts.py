@@ -31,8 +31,8 @@ import json
 import os
 import posixpath
 import shutil
-import tempfile
 import sys
+import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -85,7 +85,11 @@ RUNTIME.fork_safe(sys.modules[__name__], "_lock", threading.Lock)
 
 def _limits() -> tuple[float, float, str]:
     settings = RUNTIME.settings
-    return settings["max_artifact_writes"].value, settings["max_artifact_bytes"].value, settings["artifact_breach"].value
+    return (
+        settings["max_artifact_writes"].value,
+        settings["max_artifact_bytes"].value,
+        settings["artifact_breach"].value,
+    )
 
 
 def _files(local_path: str, artifact_path: str | None) -> list[tuple[str, str]]:
@@ -127,11 +131,15 @@ def _admit(run_id: str, files: list[tuple[str, str]]) -> tuple[list, list, _Ledg
                 continue
             if ledger.tripped is None:
                 if ledger.writes + 1 > max_writes:
-                    ledger.tripped = reason = (f"artifact write budget reached ({ledger.writes}/{_fmt(max_writes)} "
-                                               "writes); further outputs are consolidated")
+                    ledger.tripped = reason = (
+                        f"artifact write budget reached ({ledger.writes}/{_fmt(max_writes)} "
+                        "writes); further outputs are consolidated"
+                    )
                 else:
-                    ledger.tripped = reason = (f"artifact byte budget reached ({ledger.bytes + size} > "
-                                               f"{_fmt(max_bytes)} bytes); further outputs are consolidated")
+                    ledger.tripped = reason = (
+                        f"artifact byte budget reached ({ledger.bytes + size} > "
+                        f"{_fmt(max_bytes)} bytes); further outputs are consolidated"
+                    )
             spooled.append((ledger.order, path, artifact, size))
     return written, spooled, ledger, reason
 
@@ -217,9 +225,13 @@ def guard_log_artifacts(wrapped, instance, args, kwargs):
         if _limits()[2] == "raise":
             flush_run(run_id, "at_trip")
             limit = "max_artifact_writes" if "write budget" in reason else "max_artifact_bytes"
-            raise RunGuardTripped(reason, limit=limit, threshold=_limits()[0 if limit == "max_artifact_writes" else 1],
-                                  observed=ledger.writes if limit == "max_artifact_writes" else ledger.bytes,
-                                  scope=f"run:{run_id}")
+            raise RunGuardTripped(
+                reason,
+                limit=limit,
+                threshold=_limits()[0 if limit == "max_artifact_writes" else 1],
+                observed=ledger.writes if limit == "max_artifact_writes" else ledger.bytes,
+                scope=f"run:{run_id}",
+            )
     return None
 
 
@@ -263,6 +275,7 @@ def flush_run(run_id: str, when: str = "final") -> None:
             return
         entries, ledger.entries = ledger.entries, []
         spool = ledger.spool
+        assert spool is not None  # entries are only spooled once the spool exists
     try:
         paths = _consolidate(spool, entries, when, run_id)
         token = _WRITING.set(True)
@@ -270,15 +283,21 @@ def flush_run(run_id: str, when: str = "final") -> None:
             client = _client()
             for path in paths:
                 client.log_artifact(run_id, path, FOLDER)
-            _recording.write_run(run_id, _tracking_uri(), {METRIC_AVOIDED: ledger.avoided,
-                                                            METRIC_BYTES: ledger.consolidated_bytes}, {})
+            _recording.write_run(
+                run_id, _tracking_uri(), {METRIC_AVOIDED: ledger.avoided, METRIC_BYTES: ledger.consolidated_bytes}, {}
+            )
         finally:
             _WRITING.reset(token)
     except Exception as error:
         with _lock:
             ledger.entries[:0] = entries  # nothing lost: a later flush may succeed
-        logger.warning("runguard: could not write the consolidated artifacts of run %s (%s: %s); the outputs "
-                       "are kept in %s", run_id, type(error).__name__, error, spool)
+        logger.warning(
+            "runguard: could not write the consolidated artifacts of run %s (%s: %s); the outputs are kept in %s",
+            run_id,
+            type(error).__name__,
+            error,
+            spool,
+        )
         return
     for entry in entries:
         _remove(entry.spooled)
@@ -302,12 +321,24 @@ def _consolidate(spool: str, entries: list, when: str, run_id: str) -> list[str]
     zip_path = os.path.join(spool, f"consolidated_{when}.zip")
     binaries = [e for e in entries if not e.text]
     with open(json_path, "w", encoding="utf-8") as out:
-        out.write(json.dumps({"run_id": run_id, "outputs": len(entries),
-                              "archive": f"{FOLDER}/consolidated_{when}.zip" if binaries else None})[:-1])
+        out.write(
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "outputs": len(entries),
+                    "archive": f"{FOLDER}/consolidated_{when}.zip" if binaries else None,
+                }
+            )[:-1]
+        )
         out.write(', "entries": [')
         for position, entry in enumerate(entries):
-            head = {"order": entry.order, "artifact_path": entry.artifact_path, "size": entry.size,
-                    "sha256": entry.sha256, "kind": "text" if entry.text else "binary"}
+            head = {
+                "order": entry.order,
+                "artifact_path": entry.artifact_path,
+                "size": entry.size,
+                "sha256": entry.sha256,
+                "kind": "text" if entry.text else "binary",
+            }
             out.write(("," if position else "") + json.dumps(head)[:-1])
             if entry.text:
                 out.write(', "text": "')

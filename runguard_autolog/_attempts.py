@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import re
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from ._counters import Trip, in_flight_used
 from ._call import Call, refuse
+from ._counters import Trip, in_flight_used
+from ._errors import RunGuardTripped
 from ._runtime import RUNTIME, internal_error
 
 _perf = time.perf_counter
@@ -74,7 +77,7 @@ class Reader:
 # NB: the two wrappers below run on every HTTP attempt of the openai hot path: the status
 # is read with getattr() and the sync call's mark inline (each Python function touched per
 # call costs in situ; see _guard). Keep them in step.
-def sync_attempt(reader: Reader, current: Callable[[], "Call | None"] | None = None):
+def sync_attempt(reader: Reader, current: Callable[[], Call | None] | None = None):
     """A wrapt wrapper for a transport's per-attempt function. ``current`` finds the guarded
     call this attempt belongs to (``None``: not an LLM attempt, pass through); by default,
     the sync call in flight in this thread."""
@@ -193,7 +196,8 @@ def _throttled(call: Call, retry_after: float | None):
     # only their own (rare path: looked up here rather than carried by every call)
     innermost = len(call.charges) - 1
     limits = [
-        scope.effective()[0]["max_consecutive_429s"] if position == innermost
+        scope.effective()[0]["max_consecutive_429s"]
+        if position == innermost
         else scope.own.get("max_consecutive_429s", _INF)
         for position, (scope, _) in enumerate(call.charges)
     ]
@@ -217,9 +221,13 @@ def _refused(call: Call, status: int, text: str, retry_after: float | None, limi
     detail = error_kind(text)
     note = "" if retry_after is None else f"; Retry-After: {retry_after:g} s"
     trip = Trip(
-        scope.name, limit, None, status,
+        scope.name,
+        limit,
+        None,
+        status,
         f"{call.endpoint.name} answered HTTP {status}, {what} that retrying cannot fix{detail}{note}",
-        in_flight_used(scope.used), scope.throttled,
+        in_flight_used(scope.used),
+        scope.throttled,
     )
     opened = RUNTIME.store.trip(scope, trip)
     return scope, opened, opened is trip
@@ -240,8 +248,11 @@ def error_kind(text: str) -> str:
         error = {"type": error}
     if not isinstance(error, dict):
         return ""
-    parts = [f"{name}={error[name]}" for name in ("type", "code")
-             if isinstance(error.get(name), str) and _IDENTIFIER.fullmatch(error[name])]
+    parts = [
+        f"{name}={error[name]}"
+        for name in ("type", "code")
+        if isinstance(error.get(name), str) and _IDENTIFIER.fullmatch(error[name])
+    ]
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -250,7 +261,7 @@ def stop(call: Call, scope: Any, trip: Trip, newly: bool) -> None:
     shadow mode, let the attempt go ahead."""
     try:
         refuse(call, trip, newly=newly, target=call.endpoint.name)
-    except BaseException as error:
+    except RunGuardTripped as error:
         call.stopped = error if call.stopped is None else call.stopped
         raise
 
@@ -270,6 +281,6 @@ def parse_retry_after(value: str | None) -> float | None:
         if when is None or when.tzinfo is None:
             return None
         seconds = when.timestamp() - time.time()
-    if seconds != seconds or seconds in (_INF, -_INF):
+    if math.isnan(seconds) or seconds in (_INF, -_INF):
         return None
     return max(0.0, seconds)

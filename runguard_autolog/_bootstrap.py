@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from typing import Mapping
+from collections.abc import Mapping
 
 from ._config import env_flag, resolve
 from ._errors import RunGuardConfigError
@@ -66,9 +66,11 @@ def run(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
-        sys.stderr.write("usage: runguard-run <command> [args...]\n"
-                         "Runs the command with runguard.autolog() enabled from RUNGUARD_* in every Python "
-                         "process it starts.\n")
+        sys.stderr.write(
+            "usage: runguard-run <command> [args...]\n"
+            "Runs the command with runguard.autolog() enabled from RUNGUARD_* in every Python "
+            "process it starts.\n"
+        )
         return 0 if argv else BAD_CONFIG_EXIT
     try:
         env_flag("RUNGUARD_DISABLE")

@@ -8,7 +8,8 @@ NB: BE CAREFUL HERE: see ``_guard`` for the rules every step keeps.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._counters import Trip, as_counters
 from ._errors import RunGuardTripped
@@ -31,7 +32,7 @@ class Endpoint:
 
     name = "llm"
     provider: str | None = None
-    prices: dict = {}
+    prices: dict[str, Any]  # cached rates of this endpoint's models (see pricing.table_for)
 
     def request(self, instance: Any, args: tuple, kwargs: dict) -> Any:
         """The request as the readers below take it (by default the call's keywords)."""
@@ -90,12 +91,40 @@ class Call(Reservation):
     Built by :func:`admit` (no ``__init__``: one Python frame less per billed call)."""
 
     __slots__ = (
-        "endpoint", "request", "model", "rates", "flat", "prompt", "cap", "count", "on_trip", "loop_repeats",
-        "refusal",
         # its HTTP attempts (see _attempts): how many left the process, whether the next one is
         # a retry, seconds spent in them not yet charged, the trip that stopped a retry
-        "attempts", "retry_due", "seconds", "stopped",
+        "attempts",
+        "cap",
+        "count",
+        "endpoint",
+        "flat",
+        "loop_repeats",
+        "model",
+        "on_trip",
+        "prompt",
+        "rates",
+        "refusal",
+        "request",
+        "retry_due",
+        "seconds",
+        "stopped",
     )
+
+    endpoint: Endpoint
+    request: Any
+    model: str
+    rates: Any
+    flat: tuple[float, float, float] | None
+    prompt: int
+    cap: int
+    count: int
+    on_trip: Any
+    loop_repeats: float
+    refusal: Any
+    attempts: int
+    retry_due: bool
+    seconds: float
+    stopped: RunGuardTripped | None
 
     def amounts(self, input_tokens: float, output_tokens: float, cached: float = 0) -> tuple:
         """The counters (see ``_counters.COUNTERS``) this usage adds, priced."""
@@ -155,8 +184,11 @@ def admit(endpoint: Endpoint, request: Any) -> Call:
         if prompt > limits["max_context_fraction"] * window:
             open_circuit(charges[-1][0], _context_trip(charges[-1][0], model, prompt, window, limits))
     else:
-        log_once(("no-window", model), "runguard: no context window known for model %r; context "
-                 "overflow is not checked for it. Logged once.", model)
+        log_once(
+            ("no-window", model),
+            "runguard: no context window known for model %r; context overflow is not checked for it. Logged once.",
+            model,
+        )
     if limits["loop_identical_requests"] != _INF:
         payload = endpoint.payload(request)
         if payload is not None:
@@ -170,7 +202,10 @@ def admit(endpoint: Endpoint, request: Any) -> Call:
 def _context_trip(scope: Any, model: str, prompt: int, window: int, limits: dict) -> Trip:
     fraction = limits["max_context_fraction"]
     return Trip(
-        scope.name, "max_context_fraction", fraction, prompt,
+        scope.name,
+        "max_context_fraction",
+        fraction,
+        prompt,
         f"context overflow: the prompt is forecast at {prompt} tokens, over {fraction:g} of "
         f"{model}'s {window}-token context window ({int(fraction * window)} tokens)",
         as_counters(scope.used),
@@ -190,14 +225,21 @@ def refuse(call: Any, trip: Trip, newly: bool, target: str) -> None:
     try:
         RUNTIME.events.refused(error, trip, newly, target)
     except Exception as failure:  # recording never replaces the trip
-        log_once(("record-refusal", type(failure).__name__), "runguard: could not record a refusal (%s)",
-                 type(failure).__name__)
+        log_once(
+            ("record-refusal", type(failure).__name__),
+            "runguard: could not record a refusal (%s)",
+            type(failure).__name__,
+        )
     policy = call.on_trip
     if policy == "raise":
         raise error
     if policy == "warn":
-        log_once(("warn", trip.scope, trip.limit), "runguard (shadow mode): would refuse %s: %s; the call "
-                 "was sent", target, trip.reason)
+        log_once(
+            ("warn", trip.scope, trip.limit),
+            "runguard (shadow mode): would refuse %s: %s; the call was sent",
+            target,
+            trip.reason,
+        )
         return
     try:
         policy(error)
@@ -247,8 +289,11 @@ def failed(call: Call) -> RunGuardTripped | None:
 def settle(call: Call, usage: Usage | None) -> None:
     """Charge the actual usage (or, lacking it, the forecast) and trip scopes that reached a limit."""
     if usage is None:
-        log_once(("no-usage", call.endpoint.name), "runguard: %s returned no usage; the call is charged its "
-                 "forecast instead", call.endpoint.name)
+        log_once(
+            ("no-usage", call.endpoint.name),
+            "runguard: %s returned no usage; the call is charged its forecast instead",
+            call.endpoint.name,
+        )
         usage = (call.prompt, call.cap, 0)
     for scope, trip in RUNTIME.store.settle(call, call.amounts(*usage)):
         RUNTIME.events.tripped(trip, scope)

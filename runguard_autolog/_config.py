@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from ._errors import RunGuardConfigError
@@ -40,8 +41,15 @@ LIMITS: dict[str, tuple[str, float]] = {
 # limits of a shared budget (see _shared): the counters, each prefixed ``shared_``; none by default
 SHARED_LIMITS: dict[str, tuple[str, float]] = {
     "shared_" + name: (LIMITS[name][0], INF)
-    for name in ("max_calls", "max_requests", "max_input_tokens", "max_output_tokens", "max_total_tokens",
-                 "max_cost_usd", "max_request_latency_s")
+    for name in (
+        "max_calls",
+        "max_requests",
+        "max_input_tokens",
+        "max_output_tokens",
+        "max_total_tokens",
+        "max_cost_usd",
+        "max_request_latency_s",
+    )
 }
 # fixed windows of a shared budget, in seconds (a whole number of seconds is accepted too)
 WINDOWS = {"minute": 60, "hour": 3600, "day": 86400}
@@ -119,7 +127,7 @@ def parse_env_value(name: str, raw: str) -> float:
     return _check_number(kind, number, where, raw)
 
 
-def parse_on_trip(value: Any, where: str = "on_trip") -> "str | Callable[..., Any]":
+def parse_on_trip(value: Any, where: str = "on_trip") -> str | Callable[..., Any]:
     if callable(value):
         return value
     if isinstance(value, str) and value.strip().lower() in ON_TRIP_CHOICES:
@@ -161,7 +169,8 @@ def parse_store(value: Any, where: str = "store") -> str:
         raise RunGuardConfigError(f"runguard: {where}={shown!r} is not valid: not a URL") from None
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise RunGuardConfigError(
-            f"runguard: {where}={shown!r} is not valid: use 'memory' or a redis://, rediss:// or unix:// URL")
+            f"runguard: {where}={shown!r} is not valid: use 'memory' or a redis://, rediss:// or unix:// URL"
+        )
     if parts.scheme == "unix":
         if not parts.path:
             raise RunGuardConfigError(f"runguard: {where}={shown!r} is not valid: a unix:// URL needs a socket path")
@@ -250,7 +259,7 @@ def resolve(keywords: Mapping[str, Any], environ: Mapping[str, str] | None = Non
 def _parse_limit(value: Any, where: str) -> float:
     """A limit from a keyword (``where`` is its name) or from its variable's text."""
     if where.startswith("RUNGUARD_"):
-        return parse_env_value(where[len("RUNGUARD_"):].lower(), value)
+        return parse_env_value(where[len("RUNGUARD_") :].lower(), value)
     return parse_keyword(where, value)
 
 
@@ -280,12 +289,14 @@ def _resolve_shared(keywords, environ, settings: dict[str, Setting]) -> None:
             where = given[0] if settings[given[0]].source == "keyword" else env_name(given[0])
             raise RunGuardConfigError(
                 f"runguard: {where} is set but no shared budget is named: set shared_budget= "
-                "(RUNGUARD_SHARED_BUDGET) to the name every process of the job uses")
+                "(RUNGUARD_SHARED_BUDGET) to the name every process of the job uses"
+            )
     elif settings["store"].value == "memory":
         where = "shared_budget" if budget.source == "keyword" else "RUNGUARD_SHARED_BUDGET"
         raise RunGuardConfigError(
             f"runguard: {where}={budget.value!r} needs a shared store: set store='redis://host:6379/0' "
-            "(RUNGUARD_STORE); the in-memory store cannot be seen by other processes")
+            "(RUNGUARD_STORE); the in-memory store cannot be seen by other processes"
+        )
 
 
 def explicit_limits(keywords: Mapping[str, Any]) -> dict[str, Any]:
@@ -331,6 +342,5 @@ def describe(settings: Mapping[str, Setting], environ: Mapping[str, str] | None 
         disabled = "on" if env_flag("RUNGUARD_DISABLE", environ) else "off"
     except RunGuardConfigError as error:
         autolog = disabled = str(error)
-    lines += ["", f"RUNGUARD_AUTOLOG (enable at start-up): {autolog}",
-              f"RUNGUARD_DISABLE (kill switch): {disabled}"]
+    lines += ["", f"RUNGUARD_AUTOLOG (enable at start-up): {autolog}", f"RUNGUARD_DISABLE (kill switch): {disabled}"]
     return "\n".join(lines)

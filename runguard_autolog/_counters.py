@@ -83,22 +83,37 @@ def as_counters(used: Any) -> Counters:
     return used if type(used) is Counters else Counters(*used)
 
 
-def make_trip(scope_name: str, index: int, threshold: float, observed: float, used: Any,
-              *, forecast: bool = False, limit: str | None = None, prefix: str = "") -> Trip:
+def make_trip(
+    scope_name: str,
+    index: int,
+    threshold: float,
+    observed: float,
+    used: Any,
+    *,
+    forecast: bool = False,
+    limit: str | None = None,
+    prefix: str = "",
+) -> Trip:
     """The trip of counter ``index`` at ``threshold`` (``forecast``: this call would cross it)."""
     if forecast:
         reason = f"{_WHAT[index]} would be exceeded by this call ({fmt(observed)} > {fmt(threshold)})"
     else:
         reason = f"{_WHAT[index]} hit ({fmt(observed)}/{fmt(threshold)})"
-    return Trip(scope_name, limit or LIMIT_OF_COUNTER[index], threshold, observed, prefix + reason,
-                as_counters(used))
+    return Trip(scope_name, limit or LIMIT_OF_COUNTER[index], threshold, observed, prefix + reason, as_counters(used))
 
 
 def stream_cut(scope_name: str, index: int, threshold: float, observed: float, used: Any) -> Trip:
     """A stream closed because counter ``index`` crossed ``threshold`` while it arrived."""
-    return Trip(scope_name, LIMIT_OF_COUNTER[index], threshold, observed,
-                f"{_WHAT[index]} crossed mid-stream ({fmt(observed)}/{fmt(threshold)}); the stream was "
-                "closed after part of its output had arrived", as_counters(used), cut=True)
+    return Trip(
+        scope_name,
+        LIMIT_OF_COUNTER[index],
+        threshold,
+        observed,
+        f"{_WHAT[index]} crossed mid-stream ({fmt(observed)}/{fmt(threshold)}); the stream was "
+        "closed after part of its output had arrived",
+        as_counters(used),
+        cut=True,
+    )
 
 
 def in_flight_used(used: Any) -> Counters:
@@ -108,4 +123,4 @@ def in_flight_used(used: Any) -> Counters:
     return counted._replace(requests=counted.requests + 1)
 
 
-__all__ = ["Counters", "COUNTERS", "Trip", "make_trip", "stream_cut", "in_flight_used", "fmt", "replace"]
+__all__ = ["COUNTERS", "Counters", "Trip", "fmt", "in_flight_used", "make_trip", "replace", "stream_cut"]

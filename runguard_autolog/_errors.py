@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["RunGuardTripped", "RunGuardConfigError"]
+__all__ = ["RunGuardConfigError", "RunGuardTripped"]
 
 
 class RunGuardTripped(RuntimeError):
@@ -45,14 +45,20 @@ class RunGuardTripped(RuntimeError):
         super().__init__(self._message())
 
     @classmethod
-    def from_trip(cls, trip: Any) -> "RunGuardTripped":
+    def from_trip(cls, trip: Any) -> RunGuardTripped:
         """The exception for a :class:`~runguard_autolog._counters.Trip`."""
-        return cls(trip.reason, limit=trip.limit, threshold=trip.threshold, observed=trip.observed,
-                   scope=trip.scope, details={"cut": True} if getattr(trip, "cut", False) else None)
+        return cls(
+            trip.reason,
+            limit=trip.limit,
+            threshold=trip.threshold,
+            observed=trip.observed,
+            scope=trip.scope,
+            details={"cut": True} if getattr(trip, "cut", False) else None,
+        )
 
     def _message(self) -> str:
         if self.scope.startswith("shared:"):
-            name = self.scope[len("shared:"):]
+            name = self.scope[len("shared:") :]
             if self.limit == "store_outage":
                 return f"runguard: {self.reason}. The call was not sent."
             return (
@@ -87,9 +93,7 @@ class RunGuardTripped(RuntimeError):
 
 
 def _rebuild_trip(reason, limit, threshold, observed, scope, details):
-    return RunGuardTripped(
-        reason, limit=limit, threshold=threshold, observed=observed, scope=scope, details=details
-    )
+    return RunGuardTripped(reason, limit=limit, threshold=threshold, observed=observed, scope=scope, details=details)
 
 
 class RunGuardConfigError(ValueError):

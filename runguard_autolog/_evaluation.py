@@ -102,8 +102,17 @@ def _judge_class():
     return getattr(module, "Judge", None)
 
 
-def plan(rows: int, metrics: list, *, has_model: bool, budget: float, agent_calls_per_row_estimate: int,
-         judge_max_retries: int, sample_if_over_budget: bool, min_rows: int) -> Plan:
+def plan(
+    rows: int,
+    metrics: list,
+    *,
+    has_model: bool,
+    budget: float,
+    agent_calls_per_row_estimate: int,
+    judge_max_retries: int,
+    sample_if_over_budget: bool,
+    min_rows: int,
+) -> Plan:
     """The pre-run estimate; raises ``RunGuardTripped`` to refuse before any request."""
     judges = sum(1 for metric in metrics or () if is_llm_judge(metric))
     per_row = judges * (1 + judge_max_retries) + (agent_calls_per_row_estimate if has_model else 0)
@@ -112,12 +121,20 @@ def plan(rows: int, metrics: list, *, has_model: bool, budget: float, agent_call
     if estimate > budget:
         fitting = math.floor(budget / per_row)
         if not sample_if_over_budget:
-            raise _refusal(f"the evaluation would make about {estimate} LLM calls ({rows} rows x {per_row} per row), "
-                           f"over max_eval_llm_calls={_fmt(budget)}; nothing was sent", budget, estimate)
+            raise _refusal(
+                f"the evaluation would make about {estimate} LLM calls ({rows} rows x {per_row} per row), "
+                f"over max_eval_llm_calls={_fmt(budget)}; nothing was sent",
+                budget,
+                estimate,
+            )
         if fitting < min_rows:
-            raise _refusal(f"the evaluation would make about {estimate} LLM calls ({rows} rows x {per_row} per row), "
-                           f"over max_eval_llm_calls={_fmt(budget)}; sampling to fit would leave {fitting} rows, "
-                           f"fewer than min_rows={min_rows}; nothing was sent", budget, estimate)
+            raise _refusal(
+                f"the evaluation would make about {estimate} LLM calls ({rows} rows x {per_row} per row), "
+                f"over max_eval_llm_calls={_fmt(budget)}; sampling to fit would leave {fitting} rows, "
+                f"fewer than min_rows={min_rows}; nothing was sent",
+                budget,
+                estimate,
+            )
         keep = fitting
     return Plan(rows, judges, per_row, estimate, budget, keep)
 
@@ -139,8 +156,9 @@ def sample(data: Any, keep: int) -> Any:
     if table is not data and getattr(data, "df", None) is table:  # mlflow.data PandasDataset
         import mlflow.data
 
-        return mlflow.data.from_pandas(rows, source=data.source, targets=data.targets, name=data.name,
-                                       predictions=data.predictions)
+        return mlflow.data.from_pandas(  # type: ignore[attr-defined]
+            rows, source=data.source, targets=data.targets, name=data.name, predictions=data.predictions
+        )
     return rows
 
 
@@ -179,15 +197,30 @@ def _tag(run_id: str, tags: dict) -> None:
         log_once(("eval-tags", type(error).__name__), "runguard: could not tag the evaluation run (%s)", error)
 
 
-def run_guarded(evaluate_rows, *, data: Any, metrics: list, has_model: bool, budget: float,
-                agent_calls_per_row_estimate: int = 5, judge_max_retries: int = 1,
-                sample_if_over_budget: bool = True, min_rows: int = 10) -> Any:
+def run_guarded(
+    evaluate_rows,
+    *,
+    data: Any,
+    metrics: list,
+    has_model: bool,
+    budget: float,
+    agent_calls_per_row_estimate: int = 5,
+    judge_max_retries: int = 1,
+    sample_if_over_budget: bool = True,
+    min_rows: int = 10,
+) -> Any:
     """Plan, sample or refuse, then ``evaluate_rows(data)`` inside the evaluation's scope."""
     rows = count_rows(data)
-    the_plan = plan(rows, metrics, has_model=has_model, budget=budget,
-                    agent_calls_per_row_estimate=agent_calls_per_row_estimate,
-                    judge_max_retries=judge_max_retries, sample_if_over_budget=sample_if_over_budget,
-                    min_rows=min_rows)
+    the_plan = plan(
+        rows,
+        metrics,
+        has_model=has_model,
+        budget=budget,
+        agent_calls_per_row_estimate=agent_calls_per_row_estimate,
+        judge_max_retries=judge_max_retries,
+        sample_if_over_budget=sample_if_over_budget,
+        min_rows=min_rows,
+    )
     tags = {TAG_ROWS: rows, TAG_METRICS: the_plan.judges, TAG_ESTIMATE: the_plan.estimate}
     if the_plan.sampled:
         data = sample(data, the_plan.keep)
@@ -195,11 +228,23 @@ def run_guarded(evaluate_rows, *, data: Any, metrics: list, has_model: bool, bud
         logger.warning(
             "runguard: evaluation estimated at %d LLM calls (%d rows x %d judges x %d tries + %d agent calls "
             "per row), over max_eval_llm_calls=%s: evaluating %d of %d rows, sampled with seed %d",
-            the_plan.estimate, rows, the_plan.judges, 1 + judge_max_retries,
-            agent_calls_per_row_estimate if has_model else 0, _fmt(budget), the_plan.keep, rows, SAMPLE_SEED)
+            the_plan.estimate,
+            rows,
+            the_plan.judges,
+            1 + judge_max_retries,
+            agent_calls_per_row_estimate if has_model else 0,
+            _fmt(budget),
+            the_plan.keep,
+            rows,
+            SAMPLE_SEED,
+        )
     else:
-        logger.info("runguard: evaluation estimated at %d LLM calls for %d rows (max_eval_llm_calls=%s)",
-                    the_plan.estimate, rows, _fmt(budget))
+        logger.info(
+            "runguard: evaluation estimated at %d LLM calls for %d rows (max_eval_llm_calls=%s)",
+            the_plan.estimate,
+            rows,
+            _fmt(budget),
+        )
     with evaluation_run() as run:
         _tag(run.info.run_id, tags)
         with evaluation_scope(budget) as scope:
@@ -208,8 +253,12 @@ def run_guarded(evaluate_rows, *, data: Any, metrics: list, has_model: bool, bud
         if tripped is not None:
             unscored = unscored_rows(result)
             _tag(run.info.run_id, {TAG_UNSCORED: unscored})
-            logger.warning("runguard: the evaluation tripped (%s); %s of %d rows were not fully scored",
-                           tripped.reason, unscored, the_plan.keep)
+            logger.warning(
+                "runguard: the evaluation tripped (%s); %s of %d rows were not fully scored",
+                tripped.reason,
+                unscored,
+                the_plan.keep,
+            )
     return result
 
 
@@ -221,15 +270,26 @@ def unscored_rows(result: Any) -> int | str:
         if table is None:  # mlflow.evaluate
             table = (getattr(result, "tables", None) or {}).get("eval_results_table")
             suffix = "/score"
+        if table is None:
+            return "unknown"
         columns = [c for c in table.columns if str(c).endswith(suffix)]
         return int(table[columns].isna().any(axis=1).sum()) if columns else len(table)
     except Exception:
         return "unknown"
 
 
-def guarded_evaluate(model, data, extra_metrics, *, max_eval_llm_calls: float = 500,
-                     agent_calls_per_row_estimate: int = 5, judge_max_retries: int = 1,
-                     sample_if_over_budget: bool = True, min_rows: int = 10, **evaluate_kwargs) -> Any:
+def guarded_evaluate(
+    model,
+    data,
+    extra_metrics,
+    *,
+    max_eval_llm_calls: float = 500,
+    agent_calls_per_row_estimate: int = 5,
+    judge_max_retries: int = 1,
+    sample_if_over_budget: bool = True,
+    min_rows: int = 10,
+    **evaluate_kwargs,
+) -> Any:
     """``mlflow.genai.evaluate`` (when ``extra_metrics`` are scorers) or ``mlflow.evaluate``
     (legacy metrics), refused or sampled to fit ``max_eval_llm_calls`` before the first
     judge call, and counted while it runs. ``model`` is the ``predict_fn`` (genai) or the
@@ -251,10 +311,17 @@ def guarded_evaluate(model, data, extra_metrics, *, max_eval_llm_calls: float = 
             return base.evaluate(model=model, data=rows, extra_metrics=metrics, **evaluate_kwargs)
 
     with _evaluating(), _breaker_on():
-        return run_guarded(evaluate_rows, data=data, metrics=metrics, has_model=model is not None, budget=budget,
-                           agent_calls_per_row_estimate=agent_calls_per_row_estimate,
-                           judge_max_retries=judge_max_retries, sample_if_over_budget=sample_if_over_budget,
-                           min_rows=min_rows)
+        return run_guarded(
+            evaluate_rows,
+            data=data,
+            metrics=metrics,
+            has_model=model is not None,
+            budget=budget,
+            agent_calls_per_row_estimate=agent_calls_per_row_estimate,
+            judge_max_retries=judge_max_retries,
+            sample_if_over_budget=sample_if_over_budget,
+            min_rows=min_rows,
+        )
 
 
 def _budget(value: Any) -> float:
@@ -314,9 +381,13 @@ def _precheck(positional: tuple[str, ...], metrics_key: str, model_key: str):
         named.update(kwargs)
         data = named.pop("data", None)
         with _evaluating():
-            return run_guarded(lambda rows: wrapped(data=rows, **named), data=data,
-                               metrics=list(named.get(metrics_key) or ()),
-                               has_model=named.get(model_key) is not None, budget=_autolog_budget())
+            return run_guarded(
+                lambda rows: wrapped(data=rows, **named),
+                data=data,
+                metrics=list(named.get(metrics_key) or ()),
+                has_model=named.get(model_key) is not None,
+                budget=_autolog_budget(),
+            )
 
     return guard
 

@@ -27,7 +27,8 @@ refusals are handed to ``RUNTIME.events`` (the recorder writes MLflow off this p
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._call import Call, Endpoint, _last_resort, begin, failed, settle, watch_tool_calls
 from ._runtime import RUNTIME, internal_error

@@ -23,7 +23,8 @@ import json
 import sys
 import threading
 from collections import deque
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ._counters import Trip, as_counters
 from ._runtime import RUNTIME
@@ -82,7 +83,7 @@ def tool_signature(name: str, arguments: Any) -> tuple[bytes, str]:
 class _Ring:
     """The last ``window`` signatures with a count per signature: O(1) per observation."""
 
-    __slots__ = ("recent", "counts")
+    __slots__ = ("counts", "recent")
 
     def __init__(self) -> None:
         self.recent: deque = deque()
@@ -105,7 +106,7 @@ class _Ring:
 class LoopWatch:
     """Recent tool calls and requests of one unit of work."""
 
-    __slots__ = ("tool_calls", "requests")
+    __slots__ = ("requests", "tool_calls")
 
     def __init__(self) -> None:
         self.tool_calls = _Ring()
@@ -129,7 +130,10 @@ def observe_tool_calls(scope, calls: Iterable[tuple[str, Any]], repeats: float) 
             seen = _watch(scope).tool_calls.see(signature, window)
         if seen >= repeats and found is None:
             found = Trip(
-                scope.name, "loop_repeats", int(repeats), seen,
+                scope.name,
+                "loop_repeats",
+                int(repeats),
+                seen,
                 f"tool-call loop: {name} (arguments {args_hash}) requested {seen} times "
                 f"in the last {window} tool calls (loop_repeats={int(repeats)})",
                 as_counters(scope.used),
@@ -146,7 +150,10 @@ def observe_request(scope, model: str, payload: Any, limit: float) -> Trip | Non
     if seen < limit:
         return None
     return Trip(
-        scope.name, "loop_identical_requests", int(limit), seen,
+        scope.name,
+        "loop_identical_requests",
+        int(limit),
+        seen,
         f"identical-request loop: the same request to {model} (hash {request_hash.hex()[:12]}) "
         f"seen {seen} times in the last {window} requests (loop_identical_requests={int(limit)})",
         as_counters(scope.used),

@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import wrapt
 
@@ -115,7 +116,7 @@ def _install_on_import(spec: PatchSpec) -> None:
 
 
 def _lazy_specs() -> list[PatchSpec]:
-    specs = []
+    specs: list[PatchSpec] = []
     for integration in INTEGRATIONS:
         module = sys.modules.get(integration)
         specs.extend(spec for spec in getattr(module, "PATCHES", ()) if spec.lazy)
@@ -186,7 +187,9 @@ def install_all() -> None:
         for integration, root in INTEGRATIONS.items():
             if integration not in _hooked:
                 _hooked.add(integration)
-                wrapt.register_post_import_hook(_on_import(integration, partial(install_integration, integration)), root)
+                wrapt.register_post_import_hook(
+                    _on_import(integration, partial(install_integration, integration)), root
+                )
             elif root in sys.modules:
                 install_integration(integration)
 
@@ -215,6 +218,4 @@ def installed_keys() -> list[tuple[str, str]]:
 
 
 def is_ours(obj: Any) -> bool:
-    return any(obj is handle for handle in _installed.values()) or any(
-        obj is handle for handle in _dormant.values()
-    )
+    return any(obj is handle for handle in _installed.values()) or any(obj is handle for handle in _dormant.values())

@@ -14,7 +14,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ._counters import CALLS, COST, INPUT, OUTPUT, REQUESTS, TOTAL, ZERO
 from ._runtime import RUNTIME, Events, log_once, logger
@@ -58,7 +58,9 @@ class _Worker:
             with self._lock:
                 if self._pid != os.getpid():
                     self._queue = queue.SimpleQueue()
-                    threading.Thread(target=self._run, args=(self._queue,), name="runguard-recorder", daemon=True).start()
+                    threading.Thread(
+                        target=self._run, args=(self._queue,), name="runguard-recorder", daemon=True
+                    ).start()
                     self._pid = os.getpid()
         assert self._queue is not None
         self._queue.put(job)
@@ -70,8 +72,12 @@ class _Worker:
             try:
                 job()
             except Exception as error:
-                log_once(("recording", type(error).__name__), "runguard: could not write to MLflow (%s: %s); "
-                         "the trip itself is unaffected. Logged once.", type(error).__name__, error)
+                log_once(
+                    ("recording", type(error).__name__),
+                    "runguard: could not write to MLflow (%s: %s); the trip itself is unaffected. Logged once.",
+                    type(error).__name__,
+                    error,
+                )
 
     def flush(self, timeout: float = 10.0) -> bool:
         if self._queue is None or self._pid != os.getpid():
@@ -148,7 +154,7 @@ def tripped(trip, scope=None, where=_HERE) -> None:
             metrics[METRIC_CONSECUTIVE_429S] = trip.consecutive_429s
         tags = {TAG_TRIPPED: trip.reason, TAG_TRIP_LIMIT: trip.limit, TAG_TRIP_SCOPE: trip.scope}
         if trip.scope.startswith("shared:"):
-            tags[TAG_SHARED_BUDGET] = trip.scope[len("shared:"):]
+            tags[TAG_SHARED_BUDGET] = trip.scope[len("shared:") :]
         _WORKER.submit(lambda: write_run(run_id, uri, metrics, tags))
     except Exception as error:
         log_once(("record-trip", type(error).__name__), "runguard: could not record a trip (%s)", error)
@@ -178,7 +184,7 @@ def refused(error, trip, newly: bool, target: str) -> None:
         if span is not None:
             from mlflow.entities import SpanEvent
 
-            span.add_event(SpanEvent("runguard.tripped", attributes=attributes))
+            span.add_event(SpanEvent("runguard.tripped", attributes=attributes))  # type: ignore[abstract]
             return
         key = (trip.scope, trip.limit, trip.reason)
         if key in _spanned_trips:
@@ -290,4 +296,4 @@ class Recorder(Events):
 
 RUNTIME.events = Recorder()
 
-__all__ = ["flush", "tripped", "refused", "span_processor", "Recorder"]
+__all__ = ["Recorder", "flush", "refused", "span_processor", "tripped"]

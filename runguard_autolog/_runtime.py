@@ -13,7 +13,8 @@ import logging
 import os
 import threading
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._config import LIMITS, Setting, resolve
 
@@ -27,8 +28,7 @@ class Events:
     def tripped(self, trip: Any, scope: Any = None, where: Any = None) -> None:
         """A scope's circuit just opened (``where``: the MLflow run to record it on, when the
         trip was found off the call's thread)."""
-        logger.warning("runguard: %s in scope %s; further calls there are refused until reset",
-                       trip.reason, trip.scope)
+        logger.warning("runguard: %s in scope %s; further calls there are refused until reset", trip.reason, trip.scope)
 
     def refused(self, error: BaseException, trip: Any, newly: bool, target: str) -> None:
         """A call was refused (or, in shadow mode, would have been)."""

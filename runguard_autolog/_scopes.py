@@ -17,18 +17,16 @@ import time
 from typing import Any
 
 from ._config import LIMITS, explicit_limits
-from ._runtime import RUNTIME
 from ._counters import COUNTER_OF_LIMIT, COUNTERS, Counters
 from ._errors import RunGuardTripped
+from ._runtime import RUNTIME
 
 _INF = float("inf")
 
 
 def _checks(limits: dict[str, Any]) -> tuple:
     return tuple(
-        (COUNTER_OF_LIMIT[name], value)
-        for name, value in limits.items()
-        if name in COUNTER_OF_LIMIT and value != _INF
+        (COUNTER_OF_LIMIT[name], value) for name, value in limits.items() if name in COUNTER_OF_LIMIT and value != _INF
     )
 
 
@@ -36,9 +34,18 @@ class Scope:
     """Counters and the circuit of one unit of work."""
 
     __slots__ = (
-        "name", "own", "own_checks", "entered", "used", "reserved", "tripped", "throttled", "loops", "epoch",
-        "_effective",
         "__weakref__",
+        "_effective",
+        "entered",
+        "epoch",
+        "loops",
+        "name",
+        "own",
+        "own_checks",
+        "reserved",
+        "throttled",
+        "tripped",
+        "used",
     )
 
     def __init__(self, name: str, own: dict[str, Any] | None = None, entered: float | None = None) -> None:
@@ -52,7 +59,7 @@ class Scope:
         self.throttled = 0  # consecutive 429 responses; a successful call ends the run
         self.loops = None  # _loops.LoopWatch, created when the first tool call or request is watched
         self.epoch = 0  # the store's reset count when this scope was last reset
-        self._effective = (-1, None, None)
+        self._effective: tuple[int, Any, Any] = (-1, None, None)
 
     def effective(self) -> tuple[dict[str, Any], tuple]:
         """Limits when this scope is the innermost unit of work: autolog's, overridden by its own."""
@@ -144,7 +151,7 @@ def open_scopes(run: Any = _UNKNOWN) -> list[Scope]:
     return scopes
 
 
-_process_only = [-1, None, None]  # (version, charges, limits) when no session or run is open
+_process_only: list[Any] = [-1, None, None]  # (version, charges, limits) when no session or run is open
 
 
 def charges_for(scopes: list[Scope]) -> tuple[list[tuple[Scope, tuple]], dict[str, Any]]:
@@ -194,16 +201,30 @@ class Snapshot:
     def __init__(self, scope: Scope, is_innermost: bool = True) -> None:
         used, trip, self.consecutive_429s = RUNTIME.store.snapshot(scope)
         self.scope = scope.name
-        (self.calls, self.requests, self.input_tokens, self.output_tokens, self.total_tokens,
-         self.cost_usd, self.request_seconds) = used
+        (
+            self.calls,
+            self.requests,
+            self.input_tokens,
+            self.output_tokens,
+            self.total_tokens,
+            self.cost_usd,
+            self.request_seconds,
+        ) = used
         limits = scope.effective()[0] if is_innermost else {**scope.own}
         self.limits = {k: v for k, v in limits.items() if k in LIMITS or k == "on_trip"}
         self.tripped = None if trip is None else RunGuardTripped.from_trip(trip)
 
     @property
     def counters(self) -> Counters:
-        return Counters(self.calls, self.requests, self.input_tokens, self.output_tokens, self.total_tokens,
-                        self.cost_usd, self.request_seconds)
+        return Counters(
+            self.calls,
+            self.requests,
+            self.input_tokens,
+            self.output_tokens,
+            self.total_tokens,
+            self.cost_usd,
+            self.request_seconds,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -237,7 +258,7 @@ class session:
         self.scope: Scope | None = None
         self._tokens: list = []
 
-    def _enter(self) -> "session":
+    def _enter(self) -> session:
         name = self.name if self.name is not None else f"anonymous-{next(_anonymous)}"
         self.scope = Scope(f"session:{name}", self.limits)
         self._tokens.append(_SESSIONS.set((*_SESSIONS.get(), self.scope)))
@@ -246,16 +267,16 @@ class session:
     def _exit(self) -> None:
         _SESSIONS.reset(self._tokens.pop())
 
-    def __enter__(self) -> "session":
+    def __enter__(self) -> session:
         return self._enter()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._exit()
 
-    async def __aenter__(self) -> "session":
+    async def __aenter__(self) -> session:
         return self._enter()
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         self._exit()
 
     def snapshot(self) -> Snapshot:

@@ -173,7 +173,9 @@ end
 # "<id>|<start>|<index>=<forecast>|..." for each check), else {status, start, lease or false,
 # trip, sticky, opened}: status 0 tripped before (opened: 1 when a carried settle tripped it),
 # 2 refused (nothing held), 3 over a limit but held anyway (shadow mode).
-_RESERVE = _PRELUDE + """
+_RESERVE = (
+    _PRELUDE
+    + """
 local seconds, now = clock()
 local start = window_start(seconds)
 local wkey = key(start)
@@ -254,12 +256,15 @@ if status == 1 then return tonumber(start) end
 if status == 2 then status = 3 end
 return {status, start, member, trip, sticky, opened}
 """.replace("RECLAIM_PER_CALL", str(RECLAIM_PER_CALL)).replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
+)
 
 # ARGV[2] lease ('' for none), ARGV[3] window start to charge when the lease is gone ('' for the
 # current one), ARGV[4] checks "<index>:<threshold>,...", ARGV[5] usage "<index>:<amount>,...".
 # Drops the lease's holds (unless it was reclaimed meanwhile), adds the usage, and trips a
 # limit it reached. Returns {start, trip or false} (a trip this settle opened).
-_SETTLE = _PRELUDE + """
+_SETTLE = (
+    _PRELUDE
+    + """
 local _, now = clock()
 if not first_settle(ARGV[2], now) then return {ARGV[3], false} end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - SETTLED_KEEP_MS)
@@ -283,11 +288,14 @@ for index, threshold in string.gmatch(ARGV[4], '(%d):([^:,]+)') do
 end
 return {start, false}
 """.replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
+)
 
 # One more HTTP attempt of an admitted call. ARGV[2] its window start, ARGV[3] seconds spent so
 # far, ARGV[4] checks "<index>:<threshold>,...". Returns {1} admitted (one more request used),
 # {0, trip} tripped before, {2, trip, sticky} refused.
-_RETRY = _PRELUDE + """
+_RETRY = (
+    _PRELUDE
+    + """
 local start = ARGV[2]
 local wkey = key(start)
 local v = load(wkey)
@@ -316,9 +324,12 @@ dirty[2] = true
 save(wkey, start, v, dirty)
 return {1}
 """
+)
 
 # ARGV[2..]: leases of calls still running here; each is extended by a lease.
-_RENEW = _PRELUDE + """
+_RENEW = (
+    _PRELUDE
+    + """
 local _, now = clock()
 local args = {'XX'}
 for i = 2, #ARGV do
@@ -328,16 +339,19 @@ end
 if #args > 1 then redis.call('ZADD', KEYS[1], unpack(args)) end
 return #ARGV - 1
 """
+)
 
 # Returns {start, leases held, trip or false, u0..u6} of the current window (ARGV[2]: that
 # window's start, when the caller knows it rather than the window length).
-_SNAPSHOT = _PRELUDE + """
+_SNAPSHOT = (
+    _PRELUDE
+    + """
 local start = ARGV[2]
 if start == '' then start = window_start(clock()) end
 local s = redis.call('HMGET', key(start), unpack(FIELDS))
 return {start, redis.call('ZCARD', KEYS[1]), s[15] or false, s[1], s[2], s[3], s[4], s[5], s[6], s[7]}
 """
-
+)
 
 
 def _number(text: Any) -> float:
@@ -355,16 +369,16 @@ os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 
 class _ThreadConnection(threading.local):
-    conn = None
-    pid = None
+    conn: Any = None
+    pid: int | None = None
 
 
 class SharedScope:
     """What a shared budget's trips and records name (``shared:<name>``)."""
 
-    __slots__ = ("name", "budget")
+    __slots__ = ("budget", "name")
 
-    def __init__(self, budget: "SharedBudget") -> None:
+    def __init__(self, budget: SharedBudget) -> None:
         self.name = f"shared:{budget.name}"
         self.budget = budget
 
@@ -416,16 +430,24 @@ class SharedBudget:
     sooner, never overshoot.
     """
 
-    def __init__(self, name: str, url: str, limits: dict[str, float], window: int | None = None,
-                 outage: str = "fail_closed", lease_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        limits: dict[str, float],
+        window: int | None = None,
+        outage: str = "fail_closed",
+        lease_s: float = 30.0,
+    ) -> None:
         self.name = name
         self.url = url
         self.shown_url = redact(url)
         self.scope = SharedScope(self)
         self.limits = dict(limits)
         self.checks = tuple(
-            (COUNTER_OF_LIMIT[limit[len("shared_"):]], _amount(value))
-            for limit, value in limits.items() if value != INF
+            (COUNTER_OF_LIMIT[limit[len("shared_") :]], _amount(value))
+            for limit, value in limits.items()
+            if value != INF
         )
         self._check_text = ",".join(f"{index}:{threshold}" for index, threshold in self.checks)
         self.window = window or 0
@@ -438,11 +460,16 @@ class SharedBudget:
         self._head = [f"{prefix}|{self.window}|{int(lease_s * 1000)}"]
         self._scripts = {
             name: self._client.register_script(source)
-            for name, source in (("reserve", _RESERVE), ("settle", _SETTLE), ("retry", _RETRY),
-                                 ("renew", _RENEW), ("snapshot", _SNAPSHOT))
+            for name, source in (
+                ("reserve", _RESERVE),
+                ("settle", _SETTLE),
+                ("retry", _RETRY),
+                ("renew", _RENEW),
+                ("snapshot", _SNAPSHOT),
+            )
         }
         self._reserve_sha = self._scripts["reserve"].sha
-        self._no_script = _no_script_error()
+        self._no_script: type[Exception] = _no_script_error()
         self._connection_error = self._outage_error_types[0]
         self._connection = _ThreadConnection()
         self._ids = itertools.count(1)
@@ -459,7 +486,7 @@ class SharedBudget:
         self._wake = threading.Event()
         self._writer_parked = True  # waiting for work (woken by a settle), not polling
         self._stopping = False
-        self._writer_pid = None
+        self._writer_pid: int | None = None
 
     def _after_fork(self) -> None:
         """A forked child gets fresh locks (another thread may hold the parent's), and none of
@@ -507,8 +534,14 @@ class SharedBudget:
             self._start_writer()
         carried = self._take_pending(64) if self._pending else ()
         try:
-            reply = self._reserve([lease_id, "1" if enforce else "0", checks,
-                                   ";".join(f"{m}~{s}~{_usage(a)}" for (m, s), a, _ in carried)])
+            reply = self._reserve(
+                [
+                    lease_id,
+                    "1" if enforce else "0",
+                    checks,
+                    ";".join(f"{m}~{s}~{_usage(a)}" for (m, s), a, _ in carried),
+                ]
+            )
         except self._outage_error_types as error:
             self._owe_all(carried)
             return self._outage(reservation, error, lease_id)
@@ -585,14 +618,21 @@ class SharedBudget:
     def _trip(self, raw: Any) -> Trip:
         index, threshold, observed, forecast, used = json.loads(raw)
         limit = "shared_" + LIMIT_OF_COUNTER[index]
-        return make_trip(self.scope.name, index, _number(threshold), _number(observed),
-                         [_number(value) for value in used], forecast=bool(forecast), limit=limit,
-                         prefix=f"shared budget {self.name!r}: ")
+        return make_trip(
+            self.scope.name,
+            index,
+            _number(threshold),
+            _number(observed),
+            [_number(value) for value in used],
+            forecast=bool(forecast),
+            limit=limit,
+            prefix=f"shared budget {self.name!r}: ",
+        )
 
     # -- settles in flight -------------------------------------------------------------------
     def _take_pending(self, most: int | None = None) -> list:
         """Take queued settles to send (counted until their reply arrives, for flush)."""
-        taken = []
+        taken: list[tuple] = []
         with self._lock:
             while self._pending and (most is None or len(taken) < most):
                 taken.append(self._pending.popleft())
@@ -610,8 +650,9 @@ class SharedBudget:
         try:
             pipe = self._client.pipeline(transaction=False)
             for (member, start), actual, _ in settles:
-                pipe.evalsha(script.sha, len(self._keys), *self._keys, *self._head,
-                             *self._settle_args(member, start, actual))
+                pipe.evalsha(
+                    script.sha, len(self._keys), *self._keys, *self._head, *self._settle_args(member, start, actual)
+                )
             try:
                 replies = pipe.execute(raise_on_error=False)
             except self._outage_error_types as error:
@@ -656,8 +697,14 @@ class SharedBudget:
     # -- outage ------------------------------------------------------------------------------
     def _mark_down(self, error: BaseException) -> None:
         self._down_until = time.monotonic() + REPROBE_S
-        log_once(("store-down", self.name), "runguard: the shared budget's store %s is unreachable (%s: %s); "
-                 "store_outage=%r. Logged once.", self.shown_url, type(error).__name__, error, self.outage)
+        log_once(
+            ("store-down", self.name),
+            "runguard: the shared budget's store %s is unreachable (%s: %s); store_outage=%r. Logged once.",
+            self.shown_url,
+            type(error).__name__,
+            error,
+            self.outage,
+        )
 
     def _outage(self, reservation, error: BaseException | None, lease_id: str = "") -> Refusal | None:
         """The store did not answer a reserve. ``lease_id``: the reserve that was sent, whose
@@ -671,7 +718,10 @@ class SharedBudget:
         if lease_id:
             self._owe(f"#{lease_id}", "", ())
         trip = Trip(
-            self.scope.name, "store_outage", None, None,
+            self.scope.name,
+            "store_outage",
+            None,
+            None,
             f"shared budget {self.name!r}: its store {self.shown_url} is unreachable; calls are refused "
             "while it is down (store_outage='fail_closed')",
         )
@@ -714,8 +764,9 @@ class SharedBudget:
             owed, self._unsettled = self._unsettled, []
         if not owed:
             return
-        logger.warning("runguard: the shared budget's store %s answers again; reconciling %d call(s)",
-                       self.shown_url, len(owed))
+        logger.warning(
+            "runguard: the shared budget's store %s answers again; reconciling %d call(s)", self.shown_url, len(owed)
+        )
         for position, (member, start, actual) in enumerate(owed):
             try:
                 _, trip = self._run("settle", self._settle_args(member, start, actual))
@@ -767,9 +818,13 @@ class SharedBudget:
                     next_renewal = time.monotonic() + renew_every
                     self._renew()
             except Exception as error:  # never let the writer die
-                log_once(("writer", self.name, type(error).__name__),
-                         "runguard: shared-budget writer error (%s: %s). Logged once.", type(error).__name__, error,
-                         exc_info=error)
+                log_once(
+                    ("writer", self.name, type(error).__name__),
+                    "runguard: shared-budget writer error (%s: %s). Logged once.",
+                    type(error).__name__,
+                    error,
+                    exc_info=error,
+                )
 
     def _renew(self) -> None:
         live = list(self._live)
@@ -778,9 +833,12 @@ class SharedBudget:
         try:
             self._run("renew", live)
         except Exception as error:  # the next reserve sees an outage; leases may lapse meanwhile
-            log_once(("renew", self.name, type(error).__name__),
-                     "runguard: could not renew shared-budget leases (%s: %s). Logged once.",
-                     type(error).__name__, error)
+            log_once(
+                ("renew", self.name, type(error).__name__),
+                "runguard: could not renew shared-budget leases (%s: %s). Logged once.",
+                type(error).__name__,
+                error,
+            )
 
     def close(self) -> None:
         """Send what is queued (bounded wait), stop the writer, close the connections."""
@@ -903,14 +961,32 @@ def budget_from(settings: dict) -> SharedBudget | None:
     if name is None:
         return None
     limits = {limit: settings[limit].value for limit in SHARED_LIMITS}
-    return SharedBudget(name, settings["store"].value, limits, settings["shared_window"].value,
-                        settings["store_outage"].value, settings["shared_lease_s"].value)
+    return SharedBudget(
+        name,
+        settings["store"].value,
+        limits,
+        settings["shared_window"].value,
+        settings["store_outage"].value,
+        settings["shared_lease_s"].value,
+    )
 
 
 class SharedSnapshot:
     """What ``runguard.current_shared()`` returns: the shared budget's current window."""
 
     __slots__ = ("scope", *COUNTERS, "in_flight", "limits", "tripped", "window_start")
+    scope: str
+    calls: float
+    requests: float
+    input_tokens: float
+    output_tokens: float
+    total_tokens: float
+    cost_usd: float
+    request_seconds: float
+    in_flight: int
+    limits: dict[str, Any]
+    tripped: RunGuardTripped | None
+    window_start: Any
 
     def __init__(self, budget: SharedBudget, window_known: bool = True) -> None:
         start, self.in_flight, used, trip = budget.snapshot(window_known)  # in_flight: admitted, not yet settled
@@ -922,5 +998,7 @@ class SharedSnapshot:
         self.window_start = start
 
     def __repr__(self) -> str:
-        return (f"SharedSnapshot(scope={self.scope!r}, calls={self.calls}, cost_usd={self.cost_usd:.6g}, "
-                f"tripped={self.tripped!r})")
+        return (
+            f"SharedSnapshot(scope={self.scope!r}, calls={self.calls}, cost_usd={self.cost_usd:.6g}, "
+            f"tripped={self.tripped!r})"
+        )

@@ -55,7 +55,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ._counters import (
-    COUNTERS, LIMIT_OF_COUNTER, SECONDS, REQUESTS, Trip, as_counters, fmt, in_flight_used, make_trip,
+    COUNTERS,
+    REQUESTS,
+    SECONDS,
+    Trip,
+    as_counters,
+    fmt,
+    in_flight_used,
+    make_trip,
 )
 from ._runtime import RUNTIME
 
@@ -79,7 +86,12 @@ class Reservation:
     ``charges`` and ``forecast`` as described above, and ``settled`` (False until the
     store settles or releases it); ``lease``, what a shared store holds for it (see _shared)."""
 
-    __slots__ = ("charges", "forecast", "settled", "lease", "epoch")
+    __slots__ = ("charges", "epoch", "forecast", "lease", "settled")
+    charges: Any
+    epoch: int
+    forecast: tuple
+    lease: Any
+    settled: bool
 
 
 def _refusal(scope, index: int, threshold: float, wanted: float) -> Refusal:
@@ -125,7 +137,7 @@ class MemoryStore:
                 return None
             return self._refuse(reservation, scope, failed, enforce)
 
-    def _refuse(self, reservation, stopped_at, failed, enforce) -> Refusal:
+    def _refuse(self, reservation, stopped_at, failed, enforce) -> Refusal | None:
         """Undo the holds the pass made before ``stopped_at``, then say why (under the lock)."""
         charges, forecast = reservation.charges, reservation.forecast
         for scope, checks in charges:
@@ -218,7 +230,8 @@ class MemoryStore:
                             refusal = _refusal(scope, REQUESTS, threshold, 1)
                             if refusal.new:
                                 scope.tripped = refusal.trip = replace(
-                                    refusal.trip, used=in_flight_used(used), consecutive_429s=scope.throttled)
+                                    refusal.trip, used=in_flight_used(used), consecutive_429s=scope.throttled
+                                )
                             break
                 else:
                     refusal = Refusal(scope, scope.tripped, True, False)
@@ -235,10 +248,14 @@ class MemoryStore:
                 scope.throttled += 1
                 if scope.throttled >= limit and scope.tripped is None:
                     scope.tripped = Trip(
-                        scope.name, "max_consecutive_429s", limit, scope.throttled,
+                        scope.name,
+                        "max_consecutive_429s",
+                        limit,
+                        scope.throttled,
                         f"{scope.throttled} consecutive 429 (rate-limited) responses ({scope.throttled}/{fmt(limit)})"
                         + _retry_after_note(retry_after),
-                        in_flight_used(scope.used), scope.throttled,
+                        in_flight_used(scope.used),
+                        scope.throttled,
                     )
                     trips.append((scope, scope.tripped))
         return trips

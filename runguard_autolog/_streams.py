@@ -21,9 +21,9 @@ from typing import Any
 
 import wrapt
 
+from ._call import Call, Endpoint, begin, failed, settle_quietly, watch_tool_calls
 from ._counters import COST, OUTPUT, TOTAL, stream_cut
 from ._errors import RunGuardTripped
-from ._call import Call, Endpoint, begin, failed, settle_quietly, watch_tool_calls
 from ._runtime import RUNTIME, internal_error, log_once
 from .tokens import counter_for
 
@@ -34,14 +34,24 @@ class StreamMeter:
     """State of one stream's accounting (kept apart from the proxy so a finalizer can settle it).
     ``pending`` holds the request of a lazy stream until its first chunk is asked for."""
 
-    __slots__ = ("call", "pending", "output", "usage", "done", "broken", "chunks", "count", "checks",
-                 "tool_calls")
+    __slots__ = (
+        "broken",
+        "call",
+        "checks",
+        "chunks",
+        "count",
+        "done",
+        "output",
+        "pending",
+        "tool_calls",
+        "usage",
+    )
 
     def __init__(self, call: Call | None, pending: tuple | None = None) -> None:
         self.call = call
         self.pending = pending
         self.output = 0
-        self.usage = None
+        self.usage: tuple | None = None
         self.done = False
         self.broken = False
         self.chunks = 0
@@ -115,9 +125,12 @@ class StreamMeter:
                     return scope, trip
                 error = RunGuardTripped.from_trip(trip)
                 RUNTIME.events.refused(error, trip, True, call.endpoint.name)
-                log_once(("warn-stream", scope.name, trip.limit),
-                         "runguard (shadow mode): would cut a stream of %s: %s; it went on",
-                         call.endpoint.name, trip.reason)
+                log_once(
+                    ("warn-stream", scope.name, trip.limit),
+                    "runguard (shadow mode): would cut a stream of %s: %s; it went on",
+                    call.endpoint.name,
+                    trip.reason,
+                )
                 self.checks = []
                 return None
         return None
@@ -173,7 +186,7 @@ class SyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         self._self_meter = meter
         weakref.finalize(self, meter.finish)
 
-    def __iter__(self) -> "SyncStreamProxy":
+    def __iter__(self) -> SyncStreamProxy:
         return self
 
     def __next__(self) -> Any:
@@ -207,11 +220,11 @@ class SyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
             raise error
         return chunk
 
-    def __enter__(self) -> "SyncStreamProxy":
+    def __enter__(self) -> SyncStreamProxy:
         self.__wrapped__.__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> Any:
+    def __exit__(self, *exc: object) -> Any:
         try:
             return self.__wrapped__.__exit__(*exc)
         finally:
@@ -230,7 +243,7 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         self._self_meter = meter
         weakref.finalize(self, meter.finish)
 
-    def __aiter__(self) -> "AsyncStreamProxy":
+    def __aiter__(self) -> AsyncStreamProxy:
         return self
 
     async def __anext__(self) -> Any:
@@ -263,11 +276,11 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
             raise error
         return chunk
 
-    async def __aenter__(self) -> "AsyncStreamProxy":
+    async def __aenter__(self) -> AsyncStreamProxy:
         await self.__wrapped__.__aenter__()
         return self
 
-    async def __aexit__(self, *exc: Any) -> Any:
+    async def __aexit__(self, *exc: object) -> Any:
         try:
             return await self.__wrapped__.__aexit__(*exc)
         finally:

@@ -12,18 +12,25 @@ def main(argv: list[str] | None = None) -> int:
         from ._bootstrap import run
 
         return run(argv[1:])
-    parser = argparse.ArgumentParser(prog="runguard", description="runguard-autolog: a circuit breaker beside mlflow.autolog()")
+    parser = argparse.ArgumentParser(
+        prog="runguard", description="runguard-autolog: a circuit breaker beside mlflow.autolog()"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run a looping agent offline and watch the breaker stop it")
     demo.add_argument("--dir", help="where to keep the sqlite tracking store (default: a new temp dir)")
     demo.add_argument("--max-calls", type=int, default=25, help="the call ceiling for the demo (default 25)")
-    commands.add_parser("run", help="run a command with the breaker on in every Python process it starts "
-                                    "(as runguard-run)")
+    commands.add_parser(
+        "run", help="run a command with the breaker on in every Python process it starts (as runguard-run)"
+    )
     commands.add_parser("config", help="print the effective limits and where each came from")
-    commands.add_parser("bootstrap-path", help="print the directory to put first on PYTHONPATH "
-                                               "(with RUNGUARD_AUTOLOG=1) to enable the breaker without code")
-    reset = commands.add_parser("reset", help="zero a shared budget's counters and close its circuit, "
-                                              "for every process on it")
+    commands.add_parser(
+        "bootstrap-path",
+        help="print the directory to put first on PYTHONPATH "
+        "(with RUNGUARD_AUTOLOG=1) to enable the breaker without code",
+    )
+    reset = commands.add_parser(
+        "reset", help="zero a shared budget's counters and close its circuit, for every process on it"
+    )
     reset.add_argument("--shared", metavar="NAME", required=True, help="the shared budget's name")
     reset.add_argument("--store", help="the Redis URL holding it (default: RUNGUARD_STORE)")
     commands.add_parser("version", help="print the version")
@@ -35,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "config":
         from ._bootstrap import BAD_CONFIG_EXIT
-        from ._config import describe
-        from ._config import resolve
+        from ._config import describe, resolve
         from ._errors import RunGuardConfigError
 
         try:
@@ -72,8 +78,10 @@ def _reset_shared(name: str, store: str | None) -> int:
         print(error, file=sys.stderr)
         return BAD_CONFIG_EXIT
     except Exception as error:  # the store did not answer: say so without echoing a password
-        print(f"runguard: could not reset shared budget {name!r}: {type(error).__name__}: "
-              f"{redact(str(error))}", file=sys.stderr)
+        print(
+            f"runguard: could not reset shared budget {name!r}: {type(error).__name__}: {redact(str(error))}",
+            file=sys.stderr,
+        )
         return 1
     print(f"runguard: shared budget {name!r} reset (counters zeroed, circuit closed)")
     return 0

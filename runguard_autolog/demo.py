@@ -24,7 +24,11 @@ def _prompt_tokens(body: dict) -> int:
 
 
 def run_demo(directory: str | None = None, max_calls: int = 25, out=print) -> dict[str, Any]:
-    for key, value in (("MLFLOW_MODEL_CATALOG_URI", ""), ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true")):
+    for key, value in (
+        ("MLFLOW_MODEL_CATALOG_URI", ""),
+        ("MLFLOW_DISABLE_TELEMETRY", "true"),
+        ("DO_NOT_TRACK", "true"),
+    ):
         os.environ.setdefault(key, value)
     import mlflow
     import openai
@@ -57,11 +61,15 @@ def run_demo(directory: str | None = None, max_calls: int = 25, out=print) -> di
         with mlflow.start_run(run_name="looping-agent") as run:
             while True:
                 try:
-                    reply = client.chat.completions.create(model=MODEL, messages=messages, tools=_TOOLS)
+                    reply = client.chat.completions.create(
+                        model=MODEL,
+                        messages=messages,  # type: ignore[arg-type]
+                        tools=_TOOLS,  # type: ignore[arg-type]
+                    )
                 except runguard.RunGuardTripped as error:
                     trip = error
                     break
-                call = reply.choices[0].message.tool_calls[0]
+                call = (reply.choices[0].message.tool_calls or [])[0]
                 messages.append(reply.choices[0].message.model_dump(exclude_none=True))
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": "Cloudy, 12°C (unchanged)."})
             spent = runguard.current()
@@ -73,7 +81,11 @@ def run_demo(directory: str | None = None, max_calls: int = 25, out=print) -> di
     first_prompt = _prompt_tokens({"messages": messages[:2]})
     growth = (_prompt_tokens({"messages": messages}) - first_prompt) / max(spent.calls, 1)
     window = (rates.context_window if rates else None) or float("inf")  # the context stops growing at the window
-    unguarded = sum(rates.cost(min(first_prompt + growth * i, window), OUTPUT_TOKENS) for i in range(UNGUARDED_CALLS)) if rates else 0.0
+    unguarded = (
+        sum(rates.cost(min(first_prompt + growth * i, window), OUTPUT_TOKENS) for i in range(UNGUARDED_CALLS))
+        if rates
+        else 0.0
+    )
     out(f"runguard demo: a ReAct agent that never stops asking for the same tool ({MODEL}).")
     out(f"  tripped:        {trip.reason} [{trip.limit}, scope {trip.scope}]")
     out(f"  billed calls:   {sent} reached the provider; call {sent + 1} was refused before sending")
@@ -81,14 +93,23 @@ def run_demo(directory: str | None = None, max_calls: int = 25, out=print) -> di
     out(f"  unguarded:      the same loop for {UNGUARDED_CALLS:,} calls would have cost about ${unguarded:,.2f}")
     out(f"  MLflow run:     {run.info.run_id} (tags runguard.tripped, runguard.trip_limit; metrics runguard.*)")
     out(f"  see it:         mlflow ui --backend-store-uri {uri}")
-    return {"trip": trip, "sent": sent, "spent": spent, "unguarded_usd": unguarded, "run_id": run.info.run_id, "uri": uri}
+    return {
+        "trip": trip,
+        "sent": sent,
+        "spent": spent,
+        "unguarded_usd": unguarded,
+        "run_id": run.info.run_id,
+        "uri": uri,
+    }
 
 
-_TOOLS = [{
-    "type": "function",
-    "function": {
-        "name": "search",
-        "description": "Search the web.",
-        "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
-    },
-}]
+_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "description": "Search the web.",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+        },
+    }
+]

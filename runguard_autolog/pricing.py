@@ -22,6 +22,8 @@ _MTOK = 1_000_000.0
 
 class _Price:
     __slots__ = ("base", "tiers")
+    base: float
+    tiers: tuple[tuple[Any, float], ...]
 
     def __init__(self, price: Any) -> None:
         if price is None:
@@ -42,7 +44,7 @@ class _Price:
 class Rates:
     """Per-token USD rates of one model."""
 
-    __slots__ = ("model", "input", "output", "cache_read", "context_window", "flat")
+    __slots__ = ("cache_read", "context_window", "flat", "input", "model", "output")
 
     def __init__(self, model: str, model_price: Any, context_window: int | None) -> None:
         self.model = model

@@ -19,10 +19,11 @@ import fnmatch
 import hashlib
 import json
 import os
-import tempfile
 import sys
+import tempfile
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._runtime import RUNTIME, log_once
 
@@ -190,7 +191,9 @@ def messages_tokens(messages: Any, model: str) -> int:
             content = message.get("content") if len(message) == 2 else None
         else:
             fields = getattr(message, "__dict__", None)
-            content = None if fields is None or fields.get("tool_calls") or fields.get("name") else fields.get("content")
+            content = (
+                None if fields is None or fields.get("tool_calls") or fields.get("name") else fields.get("content")
+            )
         if type(content) is str:
             if estimating and content.isascii():
                 total += PER_MESSAGE + (len(content) + 2) // 3  # estimate_text, inlined

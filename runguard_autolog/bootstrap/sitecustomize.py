@@ -35,7 +35,8 @@ def _chain() -> None:
     try:
         spec.loader.exec_module(module)
     except Exception as error:  # as Python itself would: report it and go on
-        sys.modules["sitecustomize"] = ours
+        if ours is not None:
+            sys.modules["sitecustomize"] = ours
         sys.stderr.write(f"Error in sitecustomize; set PYTHONVERBOSE for traceback:\n{type(error).__name__}: {error}\n")
 
 

@@ -29,8 +29,8 @@ from collections import OrderedDict
 from typing import Any
 
 from .. import pricing, tokens
-from .._errors import RunGuardTripped
 from .._call import Endpoint, Usage, open_circuit
+from .._errors import RunGuardTripped
 from .._loops import observe_tool_calls
 from .._patching import PatchSpec
 from .._runtime import RUNTIME, internal_error
@@ -41,9 +41,19 @@ TARGET_MODULE = "langchain_core"
 
 # LangChain's ls_provider -> genai-prices provider id (None: search every provider)
 _PROVIDERS = {
-    "openai": "openai", "azure": "azure", "anthropic": "anthropic", "google_genai": "google",
-    "google_vertexai": "google", "mistralai": "mistral", "groq": "groq", "deepseek": "deepseek",
-    "xai": "x-ai", "bedrock": "aws", "amazon_bedrock": "aws", "cohere": "cohere", "together": "together",
+    "openai": "openai",
+    "azure": "azure",
+    "anthropic": "anthropic",
+    "google_genai": "google",
+    "google_vertexai": "google",
+    "mistralai": "mistral",
+    "groq": "groq",
+    "deepseek": "deepseek",
+    "xai": "x-ai",
+    "bedrock": "aws",
+    "amazon_bedrock": "aws",
+    "cohere": "cohere",
+    "together": "together",
     "fireworks": "fireworks",
 }
 _INF = float("inf")
@@ -98,15 +108,25 @@ class LangChainEndpoint(Endpoint):
             prompts = list(args[0] if args else kwargs.get("messages", kwargs.get("prompts")) or ())
         fields = instance.__dict__  # model fields (reading a missing pydantic attribute is slow)
         model = kwargs.get("model") or fields.get("model_name") or fields.get("model") or fields.get("model_id") or ""
-        cap = kwargs.get("max_completion_tokens") or kwargs.get("max_tokens") \
-            or fields.get("max_completion_tokens") or fields.get("max_tokens") or fields.get("max_output_tokens")
+        cap = (
+            kwargs.get("max_completion_tokens")
+            or kwargs.get("max_tokens")
+            or fields.get("max_completion_tokens")
+            or fields.get("max_tokens")
+            or fields.get("max_output_tokens")
+        )
         if type(cap) is not int or cap < 0:
             cap = 0
         choices = kwargs.get("n") or fields.get("n")
         if type(choices) is int and choices > 1:
             cap *= choices
-        return {"model": str(model), "prompts": prompts, "cap": cap, "tools": kwargs.get("tools"),
-                "provider": _provider_of(instance)}
+        return {
+            "model": str(model),
+            "prompts": prompts,
+            "cap": cap,
+            "tools": kwargs.get("tools"),
+            "provider": _provider_of(instance),
+        }
 
     def rates(self, model: str, request: Any) -> Any:
         return pricing.rates_for(model, request["provider"])
@@ -190,8 +210,11 @@ class LangChainEndpoint(Endpoint):
 def _add(usage: Usage | None, meta: dict) -> Usage:
     details = meta.get("input_token_details") or {}
     before = usage or (0, 0, 0)
-    return (before[0] + int(meta.get("input_tokens") or 0), before[1] + int(meta.get("output_tokens") or 0),
-            before[2] + int(details.get("cache_read") or 0))
+    return (
+        before[0] + int(meta.get("input_tokens") or 0),
+        before[1] + int(meta.get("output_tokens") or 0),
+        before[2] + int(details.get("cache_read") or 0),
+    )
 
 
 # -- tools -------------------------------------------------------------------------------------
@@ -214,10 +237,10 @@ def _check_tool(instance: Any, args: tuple, kwargs: dict) -> None:
         internal_error("langchain tool check", error)
         return
     if tripped is not None:
-        error = RunGuardTripped.from_trip(tripped)
-        RUNTIME.events.refused(error, tripped, False, f"tool {getattr(instance, 'name', '')}")
+        refusal = RunGuardTripped.from_trip(tripped)
+        RUNTIME.events.refused(refusal, tripped, False, f"tool {getattr(instance, 'name', '')}")
         if limits["on_trip"] == "raise":
-            raise error
+            raise refusal
 
 
 def _tool_run(wrapped, instance, args, kwargs):

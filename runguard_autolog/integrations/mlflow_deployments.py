@@ -38,8 +38,9 @@ class DeploymentsEndpoint(Endpoint):
 
     http_via_urllib3 = True  # its attempts are urllib3's (MLflow's http_request)
 
-    def __init__(self, name: str, names: tuple[str, ...] = ("deployment_name", "inputs", "endpoint"),
-                 streaming: bool = False) -> None:
+    def __init__(
+        self, name: str, names: tuple[str, ...] = ("deployment_name", "inputs", "endpoint"), streaming: bool = False
+    ) -> None:
         self.name = name
         self.names = names
         self.streaming = streaming
@@ -98,10 +99,14 @@ class DeploymentsEndpoint(Endpoint):
         inputs = kwargs.get("inputs")
         if not isinstance(inputs, dict):
             return None
-        return {"route": kwargs.get("endpoint"), "messages": inputs.get("messages"),
-                "prompt": inputs.get("prompt"), "tools": inputs.get("tools")}
+        return {
+            "route": kwargs.get("endpoint"),
+            "messages": inputs.get("messages"),
+            "prompt": inputs.get("prompt"),
+            "tools": inputs.get("tools"),
+        }
 
-    def tool_calls(self, result: Any) -> list[tuple[str, Any]]:
+    def tool_calls(self, result: Any) -> list[tuple[Any, Any]]:
         found = []
         for choice in (result.get("choices") if isinstance(result, dict) else None) or ():
             message = choice.get("message") if isinstance(choice, dict) else None
@@ -152,11 +157,19 @@ class Urllib3Reader(Reader):
 
         raw = response.read(decode_content=False, cache_content=False)
         replacement = urllib3.HTTPResponse(
-            body=io.BytesIO(raw), headers=response.headers, status=response.status,
-            version=response.version, reason=response.reason, preload_content=False,
-            decode_content=response.decode_content, retries=response.retries,
-            request_method=getattr(response, "_request_method", None), request_url=response.url,
-            enforce_content_length=False, pool=response._pool, connection=response._connection,
+            body=io.BytesIO(raw),
+            headers=response.headers,
+            status=response.status,
+            version=response.version,
+            reason=response.reason,
+            preload_content=False,
+            decode_content=response.decode_content,
+            retries=response.retries,
+            request_method=getattr(response, "_request_method", None),
+            request_url=response.url,
+            enforce_content_length=False,
+            pool=response._pool,
+            connection=response._connection,
         )
         response._connection = None
         return replacement, raw.decode("utf-8", "replace")
@@ -172,14 +185,18 @@ def _requests_based_call():
 
 # every urllib3 attempt of a guarded call whose endpoint posts through ``requests``; shared
 # with the evaluation judges (installing a spec twice is a no-op)
-URLLIB3_ATTEMPTS = PatchSpec("urllib3.connectionpool", "HTTPConnectionPool._make_request",
-                             wrapper=sync_attempt(Urllib3Reader(), _requests_based_call))
+URLLIB3_ATTEMPTS = PatchSpec(
+    "urllib3.connectionpool",
+    "HTTPConnectionPool._make_request",
+    wrapper=sync_attempt(Urllib3Reader(), _requests_based_call),
+)
 
 PATCHES = (
     PatchSpec("mlflow.deployments.mlflow", "MlflowDeploymentClient.predict", PREDICT),
     PatchSpec("mlflow.deployments.databricks", "DatabricksDeploymentClient.predict", PREDICT),
-    PatchSpec("mlflow.deployments.databricks", "DatabricksDeploymentClient.predict_stream", PREDICT_STREAM,
-              lazy_stream=True),
+    PatchSpec(
+        "mlflow.deployments.databricks", "DatabricksDeploymentClient.predict_stream", PREDICT_STREAM, lazy_stream=True
+    ),
     PatchSpec("mlflow.deployments.openai", "OpenAIDeploymentClient.predict", PREDICT),
     URLLIB3_ATTEMPTS,
 )

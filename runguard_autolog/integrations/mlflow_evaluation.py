@@ -80,7 +80,8 @@ PATCHES = (
     *(PatchSpec(module, "evaluate", wrapper=guard_legacy_evaluate) for module in _LEGACY_EVALUATE),
     PatchSpec("mlflow.genai.judges.adapters.gateway_adapter", "send_chat_request", GENAI_JUDGE, lazy=True),
     PatchSpec("mlflow.metrics.genai.model_utils", "_send_request", LEGACY_JUDGE, lazy=True),
-    PatchSpec("mlflow.genai.evaluation.rate_limiter", "is_rate_limit_error", lazy=True,
-              wrapper=_trip_is_not_a_rate_limit),
+    PatchSpec(
+        "mlflow.genai.evaluation.rate_limiter", "is_rate_limit_error", lazy=True, wrapper=_trip_is_not_a_rate_limit
+    ),
     URLLIB3_ATTEMPTS,
 )

@@ -43,8 +43,9 @@ def _end_run(wrapped, instance, args, kwargs):
                 try:
                     _recording.write_run_summary(run_id, scope)
                 except Exception as error:
-                    _recording.log_once(("summary", type(error).__name__),
-                                        "runguard: could not write run summary metrics (%s)", error)
+                    _recording.log_once(
+                        ("summary", type(error).__name__), "runguard: could not write run summary metrics (%s)", error
+                    )
         except Exception as error:
             internal_error("end_run", error)
     return wrapped(*args, **kwargs)

@@ -9,8 +9,8 @@ do no I/O and keep no state.
 
 from __future__ import annotations
 
-from functools import partial
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 from openai.types import CompletionUsage
@@ -28,7 +28,7 @@ TARGET_MODULE = "openai"
 class Endpoint(_Endpoint):
     """How to read one kind of openai request/response (the request is the call's keywords)."""
 
-    __slots__ = ("name", "kind", "provider", "prices")
+    __slots__ = ("kind", "name", "prices", "provider")
 
     def __init__(self, name: str, kind: str) -> None:
         self.name = name
@@ -81,9 +81,15 @@ class Endpoint(_Endpoint):
         if self.kind == "chat" and type(usage) is CompletionUsage:  # the hot case, read in place
             prompt, output, details = usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details
             cached = 0 if details is None else details.cached_tokens or 0
-            if type(prompt) is int and type(output) is int and type(cached) is int:  # range: below
-                if prompt >= 0 and output >= 0 and cached >= 0:
-                    return prompt, output, cached
+            if (
+                type(prompt) is int
+                and type(output) is int
+                and type(cached) is int
+                and prompt >= 0
+                and output >= 0
+                and cached >= 0
+            ):
+                return prompt, output, cached
         if usage is None and hasattr(result, "http_response") and callable(getattr(result, "parse", None)):
             # ``.with_raw_response``: parsing is cached by the SDK, so the user's own parse() is free
             usage = getattr(result.parse(), "usage", None)
@@ -101,8 +107,11 @@ class Endpoint(_Endpoint):
         if self.kind == "chat":
             return {"messages": kwargs.get("messages"), "tools": kwargs.get("tools")}
         if self.kind == "responses":
-            return {"input": kwargs.get("input"), "instructions": kwargs.get("instructions"),
-                    "tools": kwargs.get("tools")}
+            return {
+                "input": kwargs.get("input"),
+                "instructions": kwargs.get("instructions"),
+                "tools": kwargs.get("tools"),
+            }
         if self.kind == "completion":
             return {"prompt": kwargs.get("prompt")}
         return None  # embeddings: embedding the same text again is not a loop
@@ -236,7 +245,7 @@ def _counts(*values: Any) -> bool:
         return False
 
 
-def _read_usage(usage: Any, kind: str) -> tuple[int, int, int]:
+def _read_usage(usage: Any, kind: str) -> Usage:
     """(input, output, cached input) token counts, or a TypeError for a shape we do not know."""
     input_name, output_name, details_name = _USAGE_FIELDS[kind]
     get = usage.get if isinstance(usage, dict) else partial(getattr, usage)
@@ -245,7 +254,9 @@ def _read_usage(usage: Any, kind: str) -> tuple[int, int, int]:
     details = get(details_name) if details_name else None
     cached = 0
     if details is not None:
-        cached = (details.get("cached_tokens") if isinstance(details, dict) else getattr(details, "cached_tokens", 0)) or 0
+        cached = (
+            details.get("cached_tokens") if isinstance(details, dict) else getattr(details, "cached_tokens", 0)
+        ) or 0
     if not _counts(prompt, output, cached):
         raise TypeError(f"unexpected usage shape from openai: {usage!r:.200}")
     return prompt, output, cached
@@ -255,6 +266,7 @@ CHAT = Endpoint("openai.chat.completions", "chat")
 COMPLETION = Endpoint("openai.completions", "completion")
 EMBEDDING = Endpoint("openai.embeddings", "embedding")
 RESPONSES = Endpoint("openai.responses", "responses")
+
 
 class HttpxReader(Reader):
     """The openai client's responses (httpx)."""

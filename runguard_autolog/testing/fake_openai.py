@@ -13,9 +13,10 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -62,9 +63,9 @@ class FakeOpenAIServer:
     @property
     def base_url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{host!s}:{port}/v1"
 
-    def start(self) -> "FakeOpenAIServer":
+    def start(self) -> FakeOpenAIServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="fake-openai", daemon=True)
         self._thread.start()
         return self
@@ -75,14 +76,14 @@ class FakeOpenAIServer:
         if self._thread is not None:
             self._thread.join(5)
 
-    def __enter__(self) -> "FakeOpenAIServer":
+    def __enter__(self) -> FakeOpenAIServer:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # -- scripting and inspection ------------------------------------------------------------
-    def script(self, *replies: "Reply | Callable[[dict], Reply]") -> None:
+    def script(self, *replies: Reply | Callable[[dict], Reply]) -> None:
         """Queue replies answered in order before falling back to ``default``."""
         with self._lock:
             self._script.extend(replies)
@@ -148,8 +149,13 @@ def _chat_chunks(reply: Reply, body: dict):
     model = reply.model or body.get("model", "gpt-4o-mini")
 
     def chunk(delta: dict, finish=None, usage=None, choices=True):
-        data = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []}
+        data = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
+        }
         if usage is not None:
             data["usage"] = usage
         return data
@@ -158,45 +164,95 @@ def _chat_chunks(reply: Reply, body: dict):
     for piece in pieces:
         yield chunk({"content": piece})
     for i, t in enumerate(reply.tool_calls):
-        yield chunk({"tool_calls": [{"index": i, "id": f"call_{i}", "type": "function",
-                                     "function": {"name": t.name, "arguments": t.arguments}}]})
+        yield chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": i,
+                        "id": f"call_{i}",
+                        "type": "function",
+                        "function": {"name": t.name, "arguments": t.arguments},
+                    }
+                ]
+            }
+        )
     yield chunk({}, finish="tool_calls" if reply.tool_calls else "stop")
     include = reply.include_usage_in_stream
     if include is None:
         include = bool((body.get("stream_options") or {}).get("include_usage"))
     if include:
-        yield chunk({}, usage={"prompt_tokens": prompt, "completion_tokens": completion,
-                               "total_tokens": prompt + completion}, choices=False)
+        yield chunk(
+            {},
+            usage={"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+            choices=False,
+        )
 
 
 def _completion_json(reply: Reply, body: dict) -> dict:
     pieces, prompt, completion = _completion_tokens(reply, body)
-    return {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": body.get("model", "x"),
-            "choices": [{"index": 0, "text": "".join(pieces), "finish_reason": "stop", "logprobs": None}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+    return {
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": 0,
+        "model": body.get("model", "x"),
+        "choices": [{"index": 0, "text": "".join(pieces), "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+    }
 
 
 def _embedding_json(reply: Reply, body: dict) -> dict:
     inputs = body.get("input")
     count = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
     prompt = reply.usage[0] if reply.usage else reply.prompt_tokens
-    return {"object": "list", "model": body.get("model", "x"),
-            "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(count)],
-            "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
+    return {
+        "object": "list",
+        "model": body.get("model", "x"),
+        "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(count)],
+        "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+    }
 
 
-def _response_obj(reply: Reply, body: dict, pieces: list[str], prompt: int, completion: int, status="completed") -> dict:
-    output = [{"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
-               "content": [{"type": "output_text", "text": "".join(pieces), "annotations": []}]}]
+def _response_obj(
+    reply: Reply, body: dict, pieces: list[str], prompt: int, completion: int, status="completed"
+) -> dict:
+    output = [
+        {
+            "type": "message",
+            "id": "msg_fake",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "".join(pieces), "annotations": []}],
+        }
+    ]
     for i, t in enumerate(reply.tool_calls):
-        output.append({"type": "function_call", "id": f"fc_{i}", "call_id": f"call_{i}", "name": t.name,
-                       "arguments": t.arguments, "status": "completed"})
-    return {"id": "resp_fake", "object": "response", "created_at": 0, "status": status,
-            "model": body.get("model", "x"), "output": output, "parallel_tool_calls": True,
-            "tool_choice": "auto", "tools": [],
-            "usage": {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
-                      "input_tokens_details": {"cached_tokens": 0},
-                      "output_tokens_details": {"reasoning_tokens": 0}}}
+        output.append(
+            {
+                "type": "function_call",
+                "id": f"fc_{i}",
+                "call_id": f"call_{i}",
+                "name": t.name,
+                "arguments": t.arguments,
+                "status": "completed",
+            }
+        )
+    return {
+        "id": "resp_fake",
+        "object": "response",
+        "created_at": 0,
+        "status": status,
+        "model": body.get("model", "x"),
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": prompt,
+            "output_tokens": completion,
+            "total_tokens": prompt + completion,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        },
+    }
 
 
 def _responses_json(reply: Reply, body: dict) -> dict:
@@ -209,10 +265,20 @@ def _responses_events(reply: Reply, body: dict):
     created = _response_obj(reply, body, [], 0, 0, status="in_progress")
     yield {"type": "response.created", "sequence_number": 0, "response": created}
     for n, piece in enumerate(pieces, start=1):
-        yield {"type": "response.output_text.delta", "sequence_number": n, "item_id": "msg_fake",
-               "output_index": 0, "content_index": 0, "delta": piece, "logprobs": []}
-    yield {"type": "response.completed", "sequence_number": len(pieces) + 1,
-           "response": _response_obj(reply, body, pieces, prompt, completion)}
+        yield {
+            "type": "response.output_text.delta",
+            "sequence_number": n,
+            "item_id": "msg_fake",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": piece,
+            "logprobs": [],
+        }
+    yield {
+        "type": "response.completed",
+        "sequence_number": len(pieces) + 1,
+        "response": _response_obj(reply, body, pieces, prompt, completion),
+    }
 
 
 class _Server(ThreadingHTTPServer):
@@ -250,10 +316,20 @@ def _handler_for(server: FakeOpenAIServer):
             if reply.delay:
                 time.sleep(reply.delay)
             if reply.status != 200:
-                message = reply.content if reply.content != "ok" else "Rate limit reached" if reply.status == 429 else "error"
-                error = reply.body if reply.body is not None else {
-                    "error": {"message": message, "type": "requests" if reply.status == 429 else "invalid_request_error",
-                              "code": "rate_limit_exceeded" if reply.status == 429 else None}}
+                message = (
+                    reply.content if reply.content != "ok" else "Rate limit reached" if reply.status == 429 else "error"
+                )
+                error = (
+                    reply.body
+                    if reply.body is not None
+                    else {
+                        "error": {
+                            "message": message,
+                            "type": "requests" if reply.status == 429 else "invalid_request_error",
+                            "code": "rate_limit_exceeded" if reply.status == 429 else None,
+                        }
+                    }
+                )
                 self._send_json(reply.status, error, reply.headers)
                 return
             if reply.body is not None:
