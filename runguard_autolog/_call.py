@@ -32,6 +32,11 @@ class Endpoint:
 
     name = "llm"
     provider: str | None = None
+    # NB: which optional readers this endpoint has. Each is a Python call per billed call when
+    # used, so the driver skips those an endpoint does not declare (hot path).
+    reads_arguments = False  # request() builds the request from the call (else: its keywords)
+    batched = False  # calls() may answer more than 1
+    learns = False  # learn() remembers something from replies
     prices: dict[str, Any]  # cached rates of this endpoint's models (see pricing.table_for)
 
     def request(self, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -151,7 +156,7 @@ def admit(endpoint: Endpoint, request: Any) -> Call:
     applies the policy); anything this raises is runguard's own failure."""
     charges, limits = current_charges()
     model, prompt, cap = endpoint.forecast(request)
-    count = endpoint.calls(request)
+    count = endpoint.calls(request) if endpoint.batched else 1
     rates = endpoint.prices.get(model, _MISSING)
     if rates is _MISSING:
         rates = endpoint.rates(model, request)
@@ -260,7 +265,7 @@ def begin(endpoint: Endpoint, instance: Any, args: tuple, kwargs: dict) -> Call 
     """Admit the call, or refuse it before it is sent. ``None``: runguard itself failed, and
     the caller makes the call once, unguarded. Raises only the trip (or ``on_trip``'s own)."""
     try:
-        call = admit(endpoint, endpoint.request(instance, args, kwargs))
+        call = admit(endpoint, endpoint.request(instance, args, kwargs) if endpoint.reads_arguments else kwargs)
     except Exception as error:
         internal_error("preflight", error)  # strict mode (tests) re-raises
         return None

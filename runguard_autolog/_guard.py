@@ -54,7 +54,8 @@ def finish(call: Call, result: Any) -> Any:
             tool_calls = endpoint.tool_calls(result)
             if tool_calls:
                 watch_tool_calls(call, tool_calls)
-        endpoint.learn(call.request, result)
+        if endpoint.learns:
+            endpoint.learn(call.request, result)
     except Exception as error:
         _last_resort(call)
         internal_error("settle", error)
@@ -68,9 +69,11 @@ def finish(call: Call, result: Any) -> Any:
 # it counts once.
 def sync_driver(endpoint: Endpoint) -> Callable[..., Any]:
     mark = RUNTIME.in_sync_call
+    in_call = RUNTIME.in_call
 
     def guard(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-        if not RUNTIME.enabled or RUNTIME.in_flight() is not None:
+        # RUNTIME.in_flight(), inlined (hot path): a call of this thread or task still in flight
+        if not RUNTIME.enabled or mark.call is not None or ((outer := in_call.get()) is not None and not outer.settled):
             return wrapped(*args, **kwargs)
         call = begin(endpoint, instance, args, kwargs)
         if call is None:
@@ -96,9 +99,11 @@ def async_driver(endpoint: Endpoint) -> Callable[..., Any]:
     # itself must be ``async def``; the check runs when the caller awaits, which is still
     # before any byte is sent.
     in_call = RUNTIME.in_call
+    mark = RUNTIME.in_sync_call
 
     async def guard(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-        if not RUNTIME.enabled or RUNTIME.in_flight() is not None:
+        # RUNTIME.in_flight(), inlined (hot path): a call of this thread or task still in flight
+        if not RUNTIME.enabled or mark.call is not None or ((outer := in_call.get()) is not None and not outer.settled):
             return await wrapped(*args, **kwargs)
         call = begin(endpoint, instance, args, kwargs)
         if call is None:

@@ -93,6 +93,9 @@ class LangChainEndpoint(Endpoint):
     """How to read a LangChain model call. Its request is a dict: ``model``, ``prompts`` (one
     message list, or one string for an LLM, per model call), ``cap``, ``tools``, ``provider``."""
 
+    reads_arguments = True
+    batched = True
+
     def __init__(self, kind: str, mode: str) -> None:
         self.name = "langchain.chat_model" if kind == "chat" else "langchain.llm"
         self.kind = kind  # "chat" or "completion"

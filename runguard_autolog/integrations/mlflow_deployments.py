@@ -36,6 +36,9 @@ class DeploymentsEndpoint(Endpoint):
     """How to read a deployments client's ``predict(endpoint=..., inputs={...})``; the request
     is its arguments as keywords (``names``: the positional parameters, in order)."""
 
+    reads_arguments = True
+    learns = True
+
     http_via_urllib3 = True  # its attempts are urllib3's (MLflow's http_request)
 
     def __init__(

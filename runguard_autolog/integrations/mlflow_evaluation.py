@@ -44,8 +44,7 @@ class JudgeEndpoint(DeploymentsEndpoint):
         cap = payload.get("max_completion_tokens") or payload.get("max_tokens")
         return model, prompt, cap if type(cap) is int and cap > 0 else 0
 
-    def learn(self, request: dict, result: Any) -> None:
-        pass
+    learns = False  # a judge's reply says nothing about a route
 
     def payload(self, kwargs: dict) -> Any:
         return None  # a judge asked the same question twice is not an agent loop
