@@ -116,6 +116,27 @@ def stream_cut(scope_name: str, index: int, threshold: float, observed: float, u
     )
 
 
+class CounterView:
+    """Read-only counters of a scope, by name (base of the snapshots users read)."""
+
+    __slots__ = COUNTERS
+    calls: float
+    requests: float
+    input_tokens: float
+    output_tokens: float
+    total_tokens: float
+    cost_usd: float
+    request_seconds: float
+
+    def _show(self, used: Any) -> None:
+        for name, value in zip(COUNTERS, used):
+            object.__setattr__(self, name, value)
+
+    @property
+    def counters(self) -> Counters:
+        return Counters(*(getattr(self, name) for name in COUNTERS))
+
+
 def in_flight_used(used: Any) -> Counters:
     """``used`` counting the first attempt of the call in flight (held until it settles), for
     trips that happen during a call."""

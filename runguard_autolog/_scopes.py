@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from ._config import LIMITS, explicit_limits
-from ._counters import COUNTER_OF_LIMIT, COUNTERS, Counters
+from ._counters import COUNTER_OF_LIMIT, COUNTERS, CounterView
 from ._errors import RunGuardTripped
 from ._runtime import RUNTIME
 
@@ -182,18 +182,11 @@ def innermost() -> Scope:
     return open_scopes()[-1]
 
 
-class Snapshot:
+class Snapshot(CounterView):
     """What ``runguard.current()`` returns: a read-only view of one scope."""
 
-    __slots__ = ("scope", *COUNTERS, "consecutive_429s", "limits", "tripped")
+    __slots__ = ("consecutive_429s", "limits", "scope", "tripped")
     scope: str
-    calls: float
-    requests: float
-    input_tokens: float
-    output_tokens: float
-    total_tokens: float
-    cost_usd: float
-    request_seconds: float
     consecutive_429s: int
     limits: dict[str, Any]
     tripped: RunGuardTripped | None
@@ -201,30 +194,10 @@ class Snapshot:
     def __init__(self, scope: Scope, is_innermost: bool = True) -> None:
         used, trip, self.consecutive_429s = RUNTIME.store.snapshot(scope)
         self.scope = scope.name
-        (
-            self.calls,
-            self.requests,
-            self.input_tokens,
-            self.output_tokens,
-            self.total_tokens,
-            self.cost_usd,
-            self.request_seconds,
-        ) = used
+        self._show(used)
         limits = scope.effective()[0] if is_innermost else {**scope.own}
         self.limits = {k: v for k, v in limits.items() if k in LIMITS or k == "on_trip"}
         self.tripped = None if trip is None else RunGuardTripped.from_trip(trip)
-
-    @property
-    def counters(self) -> Counters:
-        return Counters(
-            self.calls,
-            self.requests,
-            self.input_tokens,
-            self.output_tokens,
-            self.total_tokens,
-            self.cost_usd,
-            self.request_seconds,
-        )
 
     def __repr__(self) -> str:
         return (

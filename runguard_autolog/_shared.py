@@ -50,7 +50,7 @@ import time
 from typing import Any
 
 from ._config import INF, SHARED_LIMITS, redact
-from ._counters import COUNTER_OF_LIMIT, COUNTERS, LIMIT_OF_COUNTER, Trip, make_trip
+from ._counters import COUNTER_OF_LIMIT, COUNTERS, LIMIT_OF_COUNTER, CounterView, Trip, make_trip
 from ._errors import RunGuardConfigError, RunGuardTripped
 from ._runtime import RUNTIME, log_once, logger
 from ._store import Refusal
@@ -971,18 +971,11 @@ def budget_from(settings: dict) -> SharedBudget | None:
     )
 
 
-class SharedSnapshot:
+class SharedSnapshot(CounterView):
     """What ``runguard.current_shared()`` returns: the shared budget's current window."""
 
-    __slots__ = ("scope", *COUNTERS, "in_flight", "limits", "tripped", "window_start")
+    __slots__ = ("in_flight", "limits", "scope", "tripped", "window_start")
     scope: str
-    calls: float
-    requests: float
-    input_tokens: float
-    output_tokens: float
-    total_tokens: float
-    cost_usd: float
-    request_seconds: float
     in_flight: int
     limits: dict[str, Any]
     tripped: RunGuardTripped | None
@@ -991,9 +984,8 @@ class SharedSnapshot:
     def __init__(self, budget: SharedBudget, window_known: bool = True) -> None:
         start, self.in_flight, used, trip = budget.snapshot(window_known)  # in_flight: admitted, not yet settled
         self.scope = budget.scope.name
-        for name, value in zip(COUNTERS, used):
-            setattr(self, name, value)
-        self.limits = {name: value for name, value in budget.limits.items()}
+        self._show(used)
+        self.limits = dict(budget.limits)
         self.tripped = None if trip is None else RunGuardTripped.from_trip(trip)
         self.window_start = start
 
