@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from ._config import env_flag, resolve
 from ._errors import RunGuardConfigError
 
-BAD_CONFIG_EXIT = 2
+BAD_CONFIG_EXIT = 2  # a bad RUNGUARD_* value, or the package cannot start: the program is not run
+USAGE_EXIT = 64  # the command line is wrong (no program given): EX_USAGE of sysexits.h
 
 
 def bootstrap_dir() -> str:
@@ -71,7 +72,7 @@ def run(argv: list[str] | None = None) -> int:
             "Runs the command with runguard.autolog() enabled from RUNGUARD_* in every Python "
             "process it starts.\n"
         )
-        return 0 if argv else BAD_CONFIG_EXIT
+        return 0 if argv else USAGE_EXIT
     try:
         env_flag("RUNGUARD_DISABLE")
         env_flag("RUNGUARD_AUTOLOG")

@@ -226,7 +226,8 @@ def open_circuit(scope: Any, trip: Trip) -> None:
 def refuse(call: Any, trip: Trip, newly: bool, target: str) -> None:
     """Record a refusal, then apply the on_trip policy: raise the trip, warn (shadow mode), or
     hand it to the callable, whose exception (any) stops the call and reaches the caller."""
-    error = RunGuardTripped.from_trip(trip)
+    policy = call.on_trip
+    error = RunGuardTripped.from_trip(trip, shadow=policy != "raise")
     try:
         RUNTIME.events.refused(error, trip, newly, target)
     except Exception as failure:  # recording never replaces the trip
@@ -235,7 +236,6 @@ def refuse(call: Any, trip: Trip, newly: bool, target: str) -> None:
             "runguard: could not record a refusal (%s)",
             type(failure).__name__,
         )
-    policy = call.on_trip
     if policy == "raise":
         raise error
     if policy == "warn":

@@ -8,6 +8,7 @@ keyword or variable and the value.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -21,7 +22,8 @@ from ._errors import RunGuardConfigError
 INF = math.inf
 
 # name -> (kind, default). kinds: "count" int >= 0, "count1" int >= 1, "count2" int >= 2,
-# "amount" float >= 0, "fraction" float in (0, 1].
+# "bytes" int >= 0 (units: 10MiB, 512KB), "amount" float >= 0, "seconds" float >= 0 (units:
+# 30s, 5m, 2h, 1d, 250ms), "fraction" float in (0, 1].
 LIMITS: dict[str, tuple[str, float]] = {
     "max_calls": ("count", 50),
     "max_input_tokens": ("count", 500_000),
@@ -30,9 +32,9 @@ LIMITS: dict[str, tuple[str, float]] = {
     "max_cost_usd": ("amount", INF),
     "max_requests": ("count", INF),
     "max_consecutive_429s": ("count1", 5),
-    "max_request_latency_s": ("amount", INF),
+    "max_request_latency_s": ("seconds", INF),
     "max_artifact_writes": ("count", 20),
-    "max_artifact_bytes": ("count", 10 * 1024 * 1024),
+    "max_artifact_bytes": ("bytes", 10 * 1024 * 1024),
     "max_eval_llm_calls": ("count", 500),
     "loop_repeats": ("count2", 3),
     "loop_identical_requests": ("count2", INF),
@@ -68,21 +70,66 @@ def env_name(keyword: str) -> str:
 
 
 def _bad(where: str, value: Any, why: str) -> RunGuardConfigError:
-    return RunGuardConfigError(f"runguard: {where}={value!r} is not valid: {why}")
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = f"{shown[:40]}...({len(shown)} characters)"
+    return RunGuardConfigError(f"runguard: {where}={shown} is not valid: {why}")
+
+
+_BYTE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+    "k": 1024,
+    "m": 1024**2,
+    "g": 1024**3,
+}
+_SECOND_UNITS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+_WITH_UNIT = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]+)\s*")
+
+
+def _with_unit(kind: str, text: str, where: str) -> float | None:
+    """``10MiB``, ``30s``, ``2h`` for a byte or second limit; ``None`` when ``text`` has no unit."""
+    if kind not in ("bytes", "seconds"):
+        return None
+    match = _WITH_UNIT.fullmatch(text)
+    if match is None:
+        return None
+    units = _BYTE_UNITS if kind == "bytes" else _SECOND_UNITS
+    unit = match.group(2).lower()
+    if unit not in units:
+        known = "B, KB, MB, GB, KiB, MiB, GiB" if kind == "bytes" else "ms, s, m, h, d"
+        raise _bad(where, text, f"unknown unit {match.group(2)!r} (use {known})")
+    return float(match.group(1)) * units[unit]
 
 
 def _check_number(kind: str, number: float, where: str, raw: Any) -> float:
+    try:
+        return _checked(kind, number, where, raw)
+    except OverflowError:
+        raise _bad(where, raw, "is too large (use 'none' to lift the limit)") from None
+
+
+def _checked(kind: str, number: float, where: str, raw: Any) -> float:
+    if isinstance(number, int) and not isinstance(number, bool) and number.bit_length() > 64:
+        raise OverflowError
     if math.isnan(number):
         raise _bad(where, raw, "not a number")
     if number == INF:
         return INF
     if math.isinf(number):
         raise _bad(where, raw, "must be a finite non-negative number (use 'none' to lift the limit)")
-    if kind.startswith("count"):
+    if kind.startswith("count") or kind == "bytes":
         if number != int(number):
             raise _bad(where, raw, "must be a whole number")
         number = int(number)
-        least = {"count": 0, "count1": 1, "count2": 2}[kind]
+        least = {"count": 0, "count1": 1, "count2": 2, "bytes": 0}[kind]
         if number < least:
             raise _bad(where, raw, f"must be a whole number >= {least} (or 'none')")
         return number
@@ -105,6 +152,9 @@ def parse_keyword(name: str, value: Any) -> float:
     if isinstance(value, str):
         if value.strip().lower() in _OFF_WORDS:
             return INF
+        number = _with_unit(kind, value, name)
+        if number is not None:
+            return _check_number(kind, number, name, value)
         raise _bad(name, value, "pass a number, math.inf or 'none'")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(name, value, "pass a number, math.inf or 'none'")
@@ -118,10 +168,21 @@ def parse_env_value(name: str, raw: str) -> float:
     text = raw.strip().lower()
     if text in _OFF_WORDS:
         return INF
+    number: float
     try:
-        number: float = int(text) if kind.startswith("count") else float(text)
+        number = float(text)
     except ValueError:
-        raise _bad(where, raw, "not a number (use 'none' or 'off' to lift the limit)") from None
+        with_unit = _with_unit(kind, raw.strip(), where)
+        if with_unit is None:
+            raise _bad(where, raw, "not a number (use 'none' or 'off' to lift the limit)") from None
+        number = with_unit
+    else:
+        if kind.startswith("count") or kind == "bytes":
+            try:
+                number = int(text)  # exact, however many digits
+            except ValueError:
+                if math.isfinite(number) and number != int(number):
+                    raise _bad(where, raw, "must be a whole number") from None
     if isinstance(number, float) and math.isinf(number):
         raise _bad(where, raw, "must be finite (use 'none' or 'off' to lift the limit)")
     return _check_number(kind, number, where, raw)
@@ -145,13 +206,21 @@ def redact(url: str) -> str:
     """A store URL safe to print: any password replaced by ``***``."""
     try:
         parts = urlsplit(url)
+        if parts.password is not None:
+            user = parts.username or ""
+            host = parts.netloc.rsplit("@", 1)[1]
+            parts = parts._replace(netloc=f"{user}:***@{host}")
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    if parts.query:  # redis-py also takes ?password=... (and a TLS key path may carry one)
+        query = re.sub(
+            r"((?:^|&)[^=&]*(?:password|passwd|pwd|secret|token|key)[^=&]*=)[^&]*",
+            r"\1***",
+            parts.query,
+            flags=re.IGNORECASE,
+        )
+        parts = parts._replace(query=query)
+    return parts.geturl()
 
 
 def parse_store(value: Any, where: str = "store") -> str:
@@ -218,7 +287,8 @@ def parse_outage(value: Any, where: str = "store_outage") -> str:
 
 def parse_lease(value: Any, where: str = "shared_lease_s") -> float:
     try:
-        number = float(value)
+        with_unit = _with_unit("seconds", value, where) if isinstance(value, str) else None
+        number = float(value) if with_unit is None else with_unit
     except (TypeError, ValueError):
         raise _bad(where, value, "must be a number of seconds") from None
     if isinstance(value, bool) or not 1 <= number <= 86400:
@@ -244,9 +314,41 @@ class Setting:
     source: str  # "keyword" | "environment" | "default"
 
 
+# variables that are flags or lists rather than settings with a keyword
+FLAGS = ("RUNGUARD_AUTOLOG", "RUNGUARD_DISABLE", "RUNGUARD_DISABLED_INTEGRATIONS")
+
+
+def known_variables() -> list[str]:
+    """Every ``RUNGUARD_*`` name runguard reads."""
+    names = [
+        *LIMITS,
+        "on_trip",
+        "artifact_breach",
+        "store",
+        "shared_budget",
+        *SHARED_LIMITS,
+        "shared_window",
+        "store_outage",
+        "shared_lease_s",
+    ]
+    return [*(env_name(name) for name in names), *FLAGS]
+
+
+def check_variables(environ: Mapping[str, str]) -> None:
+    """A ``RUNGUARD_*`` name runguard does not know is a typo until proven otherwise: the
+    program must not run with the defaults it did not mean."""
+    known = known_variables()
+    for name in environ:
+        if name.startswith("RUNGUARD_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; runguard reads: {', '.join(known)}"
+            raise RunGuardConfigError(f"runguard: {name} is not a runguard variable{hint}")
+
+
 def resolve(keywords: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> dict[str, Setting]:
     """Every limit plus ``on_trip`` with where its value came from."""
     environ = os.environ if environ is None else environ
+    check_variables(environ)
     settings: dict[str, Setting] = {}
     for name, (_, default) in LIMITS.items():
         _pick(keywords, environ, settings, name, _parse_limit, default)
@@ -315,6 +417,30 @@ def explicit_limits(keywords: Mapping[str, Any]) -> dict[str, Any]:
 SHARED_SETTINGS = ("store", "shared_budget", *SHARED_LIMITS, "shared_window", "store_outage", "shared_lease_s")
 
 
+def shown_value(name: str, value: Any) -> Any:
+    """A setting's value as ``runguard config`` shows it (JSON-safe; no password)."""
+    if name == "store":
+        return redact(value)
+    if value is None or value == float("inf"):
+        return None
+    if callable(value):
+        return getattr(value, "__qualname__", repr(value))
+    return value
+
+
+def describe_json(settings: Mapping[str, Setting], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What ``runguard config --json`` prints: each setting's value (``null``: none) and source."""
+    environ = os.environ if environ is None else environ
+    return {
+        "settings": {
+            name: {"value": shown_value(name, settings[name].value), "source": settings[name].source}
+            for name in [*LIMITS, "on_trip", "artifact_breach", *SHARED_SETTINGS]
+        },
+        "autolog": env_flag("RUNGUARD_AUTOLOG", environ),
+        "disable": env_flag("RUNGUARD_DISABLE", environ),
+    }
+
+
 def describe(settings: Mapping[str, Setting], environ: Mapping[str, str] | None = None) -> str:
     """The effective limits and where each came from, as a table."""
     environ = os.environ if environ is None else environ
@@ -337,10 +463,7 @@ def describe(settings: Mapping[str, Setting], environ: Mapping[str, str] | None 
         rows.append((name, shown, source))
     width = [max(len(row[i]) for row in rows) for i in range(2)]
     lines = [f"{a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows]
-    try:
-        autolog = "on" if env_flag("RUNGUARD_AUTOLOG", environ) else "off"
-        disabled = "on" if env_flag("RUNGUARD_DISABLE", environ) else "off"
-    except RunGuardConfigError as error:
-        autolog = disabled = str(error)
+    autolog = "on" if env_flag("RUNGUARD_AUTOLOG", environ) else "off"  # a bad value raises
+    disabled = "on" if env_flag("RUNGUARD_DISABLE", environ) else "off"
     lines += ["", f"RUNGUARD_AUTOLOG (enable at start-up): {autolog}", f"RUNGUARD_DISABLE (kill switch): {disabled}"]
     return "\n".join(lines)

@@ -102,15 +102,18 @@ def make_trip(
     return Trip(scope_name, limit or LIMIT_OF_COUNTER[index], threshold, observed, prefix + reason, as_counters(used))
 
 
-def stream_cut(scope_name: str, index: int, threshold: float, observed: float, used: Any) -> Trip:
-    """A stream closed because counter ``index`` crossed ``threshold`` while it arrived."""
+def stream_cut(scope_name: str, index: int, threshold: float, observed: float, used: Any, closed: bool = True) -> Trip:
+    """Counter ``index`` crossed ``threshold`` while a stream arrived (``closed``: the stream was
+    cut there; else, in shadow mode, it went on)."""
+    what = (
+        "the stream was closed after part of its output had arrived" if closed else "the stream went on (shadow mode)"
+    )
     return Trip(
         scope_name,
         LIMIT_OF_COUNTER[index],
         threshold,
         observed,
-        f"{_WHAT[index]} crossed mid-stream ({fmt(observed)}/{fmt(threshold)}); the stream was "
-        "closed after part of its output had arrived",
+        f"{_WHAT[index]} crossed mid-stream ({fmt(observed)}/{fmt(threshold)}); {what}",
         as_counters(used),
         cut=True,
     )

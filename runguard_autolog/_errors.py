@@ -45,15 +45,21 @@ class RunGuardTripped(RuntimeError):
         super().__init__(self._message())
 
     @classmethod
-    def from_trip(cls, trip: Any) -> RunGuardTripped:
-        """The exception for a :class:`~runguard_autolog._counters.Trip`."""
+    def from_trip(cls, trip: Any, *, shadow: bool = False) -> RunGuardTripped:
+        """The exception for a :class:`~runguard_autolog._counters.Trip` (``shadow``: handed to a
+        ``warn`` or callable ``on_trip``, so the call may still be sent)."""
+        details: dict[str, Any] = {}
+        if getattr(trip, "cut", False):
+            details["cut"] = True
+        if shadow:
+            details["shadow"] = True
         return cls(
             trip.reason,
             limit=trip.limit,
             threshold=trip.threshold,
             observed=trip.observed,
             scope=trip.scope,
-            details={"cut": True} if getattr(trip, "cut", False) else None,
+            details=details,
         )
 
     def _message(self) -> str:
@@ -66,6 +72,11 @@ class RunGuardTripped(RuntimeError):
                 f"on this budget may send one. Raise the limit with runguard.autolog({self.limit}=...) or "
                 f"RUNGUARD_{self.limit.upper()}=..., or reset the budget for every process with "
                 f"runguard.reset_shared({name!r}) or `runguard reset --shared {name}`."
+            )
+        if self.details.get("shadow"):
+            return (
+                f"runguard: {self.reason} in scope {self.scope}. on_trip is not 'raise' (shadow mode): "
+                f"the call is sent unless on_trip raises. Enforce with on_trip='raise'."
             )
         if self.details.get("cut"):
             return (

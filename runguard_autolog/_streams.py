@@ -120,10 +120,10 @@ class StreamMeter:
             # what the scope's counter would be if this stream settled now (no lock: a read)
             would_be = scope.used[index] + scope.reserved[index] - forecast[index] + now[index]
             if would_be > threshold:
-                trip = stream_cut(scope.name, index, threshold, would_be, scope.used)
+                trip = stream_cut(scope.name, index, threshold, would_be, scope.used, call.on_trip == "raise")
                 if call.on_trip == "raise":
                     return scope, trip
-                error = RunGuardTripped.from_trip(trip)
+                error = RunGuardTripped.from_trip(trip, shadow=True)
                 RUNTIME.events.refused(error, trip, True, call.endpoint.name)
                 log_once(
                     ("warn-stream", scope.name, trip.limit),

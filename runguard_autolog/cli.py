@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+from ._bootstrap import USAGE_EXIT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,9 +15,15 @@ def main(argv: list[str] | None = None) -> int:
         from ._bootstrap import run
 
         return run(argv[1:])
+    from . import __version__
+
     parser = argparse.ArgumentParser(
-        prog="runguard", description="runguard-autolog: a circuit breaker beside mlflow.autolog()"
+        prog="runguard",
+        description="runguard-autolog: a circuit breaker beside mlflow.autolog()",
+        epilog="exit status: 0 ok, 1 a store or tracking server did not answer, 2 bad configuration, "
+        "64 bad command line",
     )
+    parser.add_argument("--version", action="version", version=f"runguard-autolog {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run a looping agent offline and watch the breaker stop it")
     demo.add_argument("--dir", help="where to keep the sqlite tracking store (default: a new temp dir)")
@@ -22,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "run", help="run a command with the breaker on in every Python process it starts (as runguard-run)"
     )
-    commands.add_parser("config", help="print the effective limits and where each came from")
+    config = commands.add_parser("config", help="print the effective limits and where each came from")
+    config.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     commands.add_parser(
         "bootstrap-path",
         help="print the directory to put first on PYTHONPATH "
@@ -34,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     reset.add_argument("--shared", metavar="NAME", required=True, help="the shared budget's name")
     reset.add_argument("--store", help="the Redis URL holding it (default: RUNGUARD_STORE)")
     commands.add_parser("version", help="print the version")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse's usage errors are exit 2, which means bad configuration here
+        return USAGE_EXIT if stop.code == 2 else int(stop.code or 0)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -42,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "config":
         from ._bootstrap import BAD_CONFIG_EXIT
-        from ._config import describe, resolve
+        from ._config import describe, describe_json, resolve
         from ._errors import RunGuardConfigError
 
         try:
-            print(describe(resolve({})))
+            settings = resolve({})
+            print(json.dumps(describe_json(settings), indent=2) if args.json else describe(settings))
         except RunGuardConfigError as error:
             print(error, file=sys.stderr)
             return BAD_CONFIG_EXIT
@@ -59,11 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         print(bootstrap_dir())
         return 0
     if args.command == "version":
-        from . import __version__
-
         print(__version__)
         return 0
-    return 2
+    return USAGE_EXIT
 
 
 def _reset_shared(name: str, store: str | None) -> int:

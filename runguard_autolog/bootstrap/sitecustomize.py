@@ -17,8 +17,16 @@ import sys
 
 def _start() -> None:
     if os.environ.get("RUNGUARD_AUTOLOG", "").strip().lower() not in ("", "0", "false", "no", "off"):
-        from runguard_autolog._bootstrap import start
-
+        try:
+            from runguard_autolog._bootstrap import start
+        except ImportError as error:  # this interpreter lacks the package: never run unguarded
+            sys.stderr.write(
+                f"runguard: RUNGUARD_AUTOLOG is set but {sys.executable} cannot import runguard_autolog "
+                f"({type(error).__name__}); install it in this environment or unset RUNGUARD_AUTOLOG "
+                "(the program was not started)\n"
+            )
+            sys.stderr.flush()
+            os._exit(2)
         start()  # a bad configuration ends the process here (exit 2)
 
 
