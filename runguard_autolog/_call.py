@@ -229,7 +229,7 @@ def refuse(call: Any, trip: Trip, newly: bool, target: str) -> None:
     policy = call.on_trip
     error = RunGuardTripped.from_trip(trip, shadow=policy != "raise")
     try:
-        RUNTIME.events.refused(error, trip, newly, target)
+        RUNTIME.events.refused(error, trip, newly, target, getattr(call, "request", None))
     except Exception as failure:  # recording never replaces the trip
         log_once(
             ("record-refusal", type(failure).__name__),

@@ -24,6 +24,7 @@ TAG_TRIPPED = "runguard.tripped"
 TAG_TRIP_LIMIT = "runguard.trip_limit"
 TAG_TRIP_SCOPE = "runguard.trip_scope"
 TAG_SHARED_BUDGET = "runguard.shared_budget"
+METRIC_TRIPPED = "runguard.tripped"  # 0 or 1 at run end (the tag of the same name holds the reason)
 METRIC_CALLS_AT_TRIP = "runguard.calls_at_trip"
 METRIC_TOKENS_AT_TRIP = "runguard.tokens_at_trip"
 METRIC_COST_AT_TRIP = "runguard.cost_usd_at_trip"
@@ -164,8 +165,28 @@ _spanned_trips: set = set()
 RUNTIME.on_reset(_spanned_trips.clear)
 
 
-def refused(error, trip, newly: bool, target: str) -> None:
-    """A call was refused (or, in shadow mode, would have been): make it visible."""
+def _traced_span(mlflow, request):
+    """The MLflow span of this call, if MLflow traces it: the active span, or the span that
+    ``mlflow.openai.autolog()`` (patched above runguard) started out of context and named in
+    the request's ``traceparent`` header."""
+    span = mlflow.get_current_active_span()
+    if span is not None or not isinstance(request, dict):
+        return span
+    headers = request.get("extra_headers")
+    parent = headers.get("traceparent") if isinstance(headers, dict) else None
+    if not isinstance(parent, str) or parent.count("-") != 3:
+        return None
+    from mlflow.tracing.trace_manager import InMemoryTraceManager
+
+    _, trace_hex, span_hex, _ = parent.split("-")
+    manager = InMemoryTraceManager.get_instance()
+    trace_id = manager.get_mlflow_trace_id_from_otel_id(int(trace_hex, 16))
+    return None if trace_id is None else manager.get_span_from_id(trace_id, span_hex)
+
+
+def refused(error, trip, newly: bool, target: str, request=None) -> None:
+    """A call was refused (or, in shadow mode, would have been): make it visible once, as an
+    event on the call's MLflow span, or, with no span for it, as one error span."""
     try:
         if newly:
             tripped(trip)
@@ -180,7 +201,7 @@ def refused(error, trip, newly: bool, target: str) -> None:
             "runguard.observed": str(trip.observed),
             "runguard.target": target,
         }
-        span = mlflow.get_current_active_span()
+        span = _traced_span(mlflow, request)
         if span is not None:
             from mlflow.entities import SpanEvent
 
@@ -193,6 +214,8 @@ def refused(error, trip, newly: bool, target: str) -> None:
         if where is None and not _llm_autolog_on():
             return  # no run and no LLM tracing: there is no trace for the refusal to appear in
         _spanned_trips.add(key)
+        if where is None:  # no run: the trace goes to this thread's experiment
+            where = (None, mlflow.tracking.fluent._get_experiment_id(), None)
         _WORKER.submit(lambda: _refused_span(error, attributes, target, where))
     except Exception as failure:
         log_once(("record-refusal", type(failure).__name__), "runguard: could not record a refusal (%s)", failure)
@@ -211,16 +234,17 @@ def _refused_span(error, attributes: dict, target: str, where) -> None:
     import mlflow
     from mlflow.entities import SpanEvent, SpanStatusCode
 
-    metadata = {"mlflow.sourceRun": where[0]} if where else None
+    metadata = {"mlflow.sourceRun": where[0]} if where and where[0] else None
     experiment_id = where[1] if where else None
     span = mlflow.start_span_no_context(
         name=f"runguard refused {target}",
         span_type="LLM",
-        inputs={"target": target},
+        inputs={"limit": attributes["runguard.limit"], "scope": attributes["runguard.scope"]},
         attributes=attributes,
         metadata=metadata,
         experiment_id=experiment_id,
     )
+    span.add_event(SpanEvent("runguard.tripped", attributes=attributes))  # type: ignore[abstract]
     span.add_event(SpanEvent.from_exception(error))
     span.set_status(SpanStatusCode.ERROR)
     span.end()
@@ -254,30 +278,26 @@ def span_processor(span) -> None:
 span_processor.__name__ = "runguard_span_processor"
 
 
-def add_span_processor() -> None:
-    from mlflow.tracing.config import get_config
-
-    processors = get_config().span_processors
-    if span_processor not in processors:
-        processors.insert(0, span_processor)
-
-
-def remove_span_processor() -> None:
-    mod = sys.modules.get("mlflow.tracing.config")
-    if mod is None:
-        return
-    processors = mod.get_config().span_processors
-    while span_processor in processors:
-        processors.remove(span_processor)
+def apply_span_processors(wrapped, instance, args, kwargs):
+    """A wrapt wrapper of MLflow's ``apply_span_processors`` (run as each span ends): runguard's
+    processor first, then the user's. It never shows in ``mlflow.tracing.configure``'s list, and
+    no reset of MLflow's tracing configuration (``mlflow.set_tracking_uri()``) drops it."""
+    if RUNTIME.enabled and args:
+        span_processor(args[0])
+    return wrapped(*args, **kwargs)
 
 
 # -- run end -----------------------------------------------------------------------------
 def write_run_summary(run_id: str, scope) -> None:
-    """Spend per run, tripped or not, so it can be charted across experiments."""
+    """Spend per run and whether it tripped (0 or 1), so spend and trip rate can be charted
+    across experiments; only for a run that made a guarded call (others get no metric)."""
     import mlflow
 
-    used = scope.used if scope is not None else ZERO
+    if scope is None or not (scope.used[CALLS] or scope.used[REQUESTS] or scope.tripped is not None):
+        return
+    used = scope.used
     metrics = {name: used[index] for name, index in SUMMARY_METRICS}
+    metrics[METRIC_TRIPPED] = 0 if scope.tripped is None else 1
     write_run(run_id, mlflow.get_tracking_uri(), metrics, {})
 
 
@@ -287,8 +307,8 @@ class Recorder(Events):
     def tripped(self, trip, scope=None, where=_HERE) -> None:
         tripped(trip, scope, _HERE if where is None else where)
 
-    def refused(self, error, trip, newly, target) -> None:
-        refused(error, trip, newly, target)
+    def refused(self, error, trip, newly, target, request=None) -> None:
+        refused(error, trip, newly, target, request)
 
     def run_info(self):
         return active_run_info() if RUNTIME.runs_seen else None

@@ -30,8 +30,9 @@ class Events:
         trip was found off the call's thread)."""
         logger.warning("runguard: %s in scope %s; further calls there are refused until reset", trip.reason, trip.scope)
 
-    def refused(self, error: BaseException, trip: Any, newly: bool, target: str) -> None:
-        """A call was refused (or, in shadow mode, would have been)."""
+    def refused(self, error: BaseException, trip: Any, newly: bool, target: str, request: Any = None) -> None:
+        """A call was refused (or, in shadow mode, would have been); ``request``: the call's, when
+        there is one (the recorder finds MLflow's span of the call through it)."""
         if newly:
             self.tripped(trip)
 

@@ -120,6 +120,7 @@ def test_user_span_processors_compose_with_runguards(client, server, tracking):
     runguard.autolog()
     try:
         mlflow.tracing.configure(span_processors=[user_processor])
+        assert mlflow.tracing.config.get_config().span_processors == [user_processor]  # runguard's is not shown
         with mlflow.start_run() as run:
             chat(client)
         mlflow.flush_trace_async_logging()
@@ -247,3 +248,57 @@ def test_a_refusal_outside_any_run_is_traced_when_llm_autolog_is_on(client, serv
     spans = [s for t in mlflow.search_traces(return_type="list") for s in t.data.spans]
     refused = [s for s in spans if s.name == "runguard refused openai.chat.completions"]
     assert len(refused) == 1 and refused[0].attributes["runguard.limit"] == "max_calls"
+
+
+def _traces():
+    mlflow.flush_trace_async_logging()
+    return mlflow.search_traces(return_type="list")
+
+
+def test_span_totals_survive_set_tracking_uri_after_autolog(client, server, tmp_path):
+    runguard.autolog(max_calls=10)  # the zero-code order: runguard first, then the program's own set-up
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/late.db")  # resets MLflow's tracing configuration
+    mlflow.set_experiment("late")
+    try:
+        mlflow.openai.autolog()
+        chat(client)
+        chat(client)
+        spans = [s for t in _traces() for s in t.data.spans if s.span_type == "CHAT_MODEL"]
+        assert sorted(s.attributes.get("runguard.calls") for s in spans) == [1, 2]
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("order", ["runguard-first", "mlflow-first"])
+def test_one_refusal_is_visible_in_one_trace_once(order, client, server, tracking):
+    if order == "runguard-first":
+        runguard.autolog(max_calls=1)
+        mlflow.openai.autolog()
+    else:
+        mlflow.openai.autolog()
+        runguard.autolog(max_calls=1)
+    chat(client)
+    with pytest.raises(runguard.RunGuardTripped):
+        chat(client)
+    runguard.flush()
+    traces = _traces()
+    events = [e for t in traces for s in t.data.spans for e in s.events if e.name == "runguard.tripped"]
+    assert len(events) == 1
+    assert events[0].attributes["runguard.limit"] == "max_calls"
+    errors = [t for t in traces if t.info.state == "ERROR"]
+    assert len(errors) == 1
+    for span in errors[0].data.spans:  # runguard's own span names the limit and scope, never the request
+        if span.name.startswith("runguard refused"):
+            assert span.inputs == {"limit": "max_calls", "scope": "process"}
+
+
+def test_only_runs_that_made_a_guarded_call_get_runguard_metrics(client, server, tracking):
+    runguard.autolog(max_calls=10)
+    with mlflow.start_run() as quiet:
+        mlflow.log_metric("loss", 1.0)
+    with mlflow.start_run() as busy:
+        chat(client)
+    runguard.flush()
+    assert set(mlflow.get_run(quiet.info.run_id).data.metrics) == {"loss"}
+    metrics = mlflow.get_run(busy.info.run_id).data.metrics
+    assert metrics["runguard.calls"] == 1 and metrics["runguard.tripped"] == 0

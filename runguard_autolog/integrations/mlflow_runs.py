@@ -3,8 +3,9 @@
 ``mlflow.start_run``/``end_run`` are re-exports of ``mlflow.tracking.fluent``'s
 functions, so both bindings are patched (``with mlflow.start_run()`` ends through
 the fluent one, ``mlflow.end_run()`` through the top-level one); each call path
-passes exactly one wrapper. ``mlflow.tracing.configure`` is patched so a user's own
-``span_processors`` keep runguard's processor beside theirs.
+passes exactly one wrapper. MLflow's ``apply_span_processors`` (the step that runs the
+user's ``span_processors`` as a span ends) is patched to run runguard's processor first, so
+it is never in the user's list and survives any reset of MLflow's tracing configuration.
 """
 
 from __future__ import annotations
@@ -51,28 +52,13 @@ def _end_run(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
-def _configure(wrapped, instance, args, kwargs):
-    try:
-        if RUNTIME.enabled:
-            processors = kwargs.get("span_processors", args[0] if args else None)
-            if processors is not None and _recording.span_processor not in processors:
-                processors = [_recording.span_processor, *processors]
-                if args:
-                    args = (processors, *args[1:])
-                else:
-                    kwargs = {**kwargs, "span_processors": processors}
-    except Exception as error:
-        internal_error("tracing.configure", error)
-    return wrapped(*args, **kwargs)
-
-
 PATCHES = (
     PatchSpec("mlflow", "start_run", wrapper=_start_run),
     PatchSpec("mlflow.tracking.fluent", "start_run", wrapper=_start_run),
     PatchSpec("mlflow", "end_run", wrapper=_end_run),
     PatchSpec("mlflow.tracking.fluent", "end_run", wrapper=_end_run),
-    PatchSpec("mlflow.tracing", "configure", wrapper=_configure),
-    PatchSpec("mlflow.tracing.config", "configure", wrapper=_configure),
+    # runguard's span processor runs inside MLflow's own step, never in the user's list
+    PatchSpec("mlflow.entities.span", "apply_span_processors", wrapper=_recording.apply_span_processors),
 )
 
 
@@ -81,8 +67,3 @@ def on_install() -> None:
 
     if mlflow.active_run() is not None:  # a run started before runguard.autolog()
         note_runs_seen()
-    _recording.add_span_processor()
-
-
-def on_uninstall() -> None:
-    _recording.remove_span_processor()
