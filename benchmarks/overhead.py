@@ -275,10 +275,10 @@ def direct_guard_pairs(hook: str, set_switch, client, pairs: int, warmup: int = 
     from openai.types.chat import ChatCompletion
 
     if hook == "runguard":
-        from runguard_autolog._fastpath import make_chat_guard
+        from runguard_autolog._guard import sync_driver
         from runguard_autolog.integrations.openai import CHAT
 
-        wrapper = make_chat_guard(CHAT)  # the wrapper the patch installs
+        wrapper = sync_driver(CHAT)  # the wrapper the patch installs on Completions.create
     else:
         wrapper = floor_wrapper
     response = ChatCompletion.model_validate(CANNED)
@@ -299,13 +299,14 @@ def child_stages(p: dict) -> dict:
     """Median us per stage of runguard's guard *in situ* (MockTransport, between real SDK work).
 
     Two wrapt timers bracket runguard's wrapper, one installed beneath it and one above
-    it, so guard = above - beneath. Pass 0 alternates the switch (paired) on the measured
-    call, which takes the one-frame fast path (``_fastpath``). The general driver's stages
-    are timed on the same call with ``n=1`` added (which changes nothing but the path): pass
-    1 times admit and _finish in the same calls as the bracket, pass 2 their parts. Within a
-    pass no timed stage contains another.
+    it, so guard = above - beneath. The measured call goes through the sync driver
+    (``_guard.sync_driver``), the one path every guarded call takes. Pass 0 alternates
+    the switch (paired) on it; pass 1 times ``_call.admit`` and ``_guard.finish`` in the
+    same calls as the bracket; pass 2 their parts. Within a pass no timed stage contains
+    another. Stages are patched by module attribute: ``finish`` is looked up in ``_guard``
+    by the driver, ``admit`` and ``current_charges`` in ``_call`` by ``begin``/``admit``.
     """
-    from runguard_autolog import _guard
+    from runguard_autolog import _call, _guard
     from runguard_autolog._runtime import RUNTIME
     from runguard_autolog.integrations import openai as rg_openai
 
@@ -315,30 +316,29 @@ def child_stages(p: dict) -> dict:
     install_bracket_timer(bracket["above"])
     client, calls = mock_client(), p["stage_calls"]
     call = lambda: chat(client)  # noqa: E731
-    general = lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, n=1)  # noqa: E731
 
     guarded_calls(client, 200)
     switch = bracket_pairs(set_switch, bracket, call, calls)
-    top = time_stages([("admit", _guard, "admit"), ("_finish", _guard, "_finish")], general, calls, bracket)
+    top = time_stages([("admit", _call, "admit"), ("finish", _guard, "finish")], call, calls, bracket)
     parts = time_stages([
-        ("current_charges", _guard, "current_charges"),
+        ("current_charges", _call, "current_charges"),
         ("forecast", rg_openai.Endpoint, "forecast"),
         ("reserve", RUNTIME.store, "reserve"), ("usage", rg_openai.Endpoint, "usage"),
         ("settle", RUNTIME.store, "settle"),
-    ], general, calls)
+    ], call, calls)
     rows = [
-        ("general driver (the same call with n=1): guard on, total", top.get("guard")),
-        ("  admit", top.get("admit")),
+        ("sync driver, stage pass: guard on, total", top.get("guard")),
+        ("  _call.admit", top.get("admit")),
         ("    current_charges (open scopes and their limits)", parts.get("current_charges")),
         ("    Endpoint.forecast (prompt token estimate)", parts.get("forecast")),
         ("    store.reserve", parts.get("reserve")),
-        ("  _finish", top.get("_finish")),
+        ("  _guard.finish", top.get("finish")),
         ("    Endpoint.usage (read usage)", parts.get("usage")),
         ("    store.settle", parts.get("settle")),
     ]
-    if {"guard", "admit", "_finish"} <= top.keys():
-        rows.append(("  rest: IN_CALL set/reset, try/finally, timer shims",
-                     top["guard"] - top["admit"] - top["_finish"]))
+    if {"guard", "admit", "finish"} <= top.keys():
+        rows.append(("  rest: switch and in-flight checks, begin(), in-flight mark, try/except, timer shims",
+                     top["guard"] - top["admit"] - top["finish"]))
     stages = dict(switch)
     stages.update({label: value for label, value in rows if value is not None})
     stages["timer overhead per timed stage (not subtracted)"] = timer_overhead_us()
@@ -370,7 +370,7 @@ def bracket_pairs(set_switch, bracket: dict, call, calls: int) -> dict[str, floa
     s = interleave({f: sample(f) for f in (True, False)}, calls)
     set_switch(True)
     return {
-        "fast path (the measured call): guard on, total": median_us([g for g, _ in s[True]]),
+        "sync driver (the measured call): guard on, total": median_us([g for g, _ in s[True]]),
         "guard switched off (dormant wrapper), same bracket": median_us([g for g, _ in s[False]]),
         "guard on minus off, paired, same bracket": median_us([a[0] - b[0] for a, b in zip(s[True], s[False])]),
         "SDK call beneath the guard, on minus off, paired (runs slower after the guard)":

@@ -155,7 +155,7 @@ def test_the_active_mlflow_run_is_a_scope_and_its_counters_are_dropped_at_run_en
     with mlflow.start_run():
         chat(client)  # a new run is a new unit of work
     assert runguard.current().scope == "process"
-    from runguard_autolog import _scopes
+    from runguard_autolog import _runtime
 
     assert _runtime.RUNTIME.runs == {}
 
