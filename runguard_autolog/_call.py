@@ -37,6 +37,7 @@ class Endpoint:
     reads_arguments = False  # request() builds the request from the call (else: its keywords)
     batched = False  # calls() may answer more than 1
     learns = False  # learn() remembers something from replies
+    stream_key: str | None = None  # the request field that asks for a stream (streams() is asked then)
     prices: dict[str, Any]  # cached rates of this endpoint's models (see pricing.table_for)
 
     def request(self, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -66,6 +67,11 @@ class Endpoint:
     def tool_calls(self, result: Any) -> list:
         """(name, arguments) of each tool call a reply asks for."""
         return []
+
+    def reply(self, result: Any, tools: bool) -> tuple[Usage | None, list]:
+        """:meth:`usage` and (when ``tools``) :meth:`tool_calls` of a reply: one call per billed
+        call, which a reader may answer in one pass."""
+        return self.usage(result), self.tool_calls(result) if tools else []
 
     def streams(self, request: Any, result: Any) -> bool | None:
         """Whether ``result`` is a stream to meter chunk by chunk (``None``: a stream this

@@ -41,19 +41,30 @@ def finish(call: Call, result: Any) -> Any:
     """After the SDK returned: wrap a stream in its meter, or settle. Returns the result."""
     endpoint = call.endpoint
     try:
-        streaming = endpoint.streams(call.request, result)
-        if streaming:
-            return meter_stream(result, call)
-        usage = None if streaming is None else endpoint.usage(result)
+        key = endpoint.stream_key
+        if key is not None and call.request.get(key) is True:
+            streaming = endpoint.streams(call.request, result)
+            if streaming:
+                return meter_stream(result, call)
+            if streaming is None:  # a stream it cannot meter: charged its forecast
+                settle(call, None)
+                return result
+        usage, tool_calls = endpoint.reply(result, call.loop_repeats != _INF)
         if usage is None:
             settle(call, None)
-        else:
-            for scope, trip in RUNTIME.store.settle(call, call.amounts(*usage)):  # settle(), inlined
+        else:  # settle() and Call.amounts(), inlined (hot path)
+            prompt, output, cached = usage
+            flat = call.flat
+            if flat is not None:
+                cost = (prompt - cached) * flat[0] + output * flat[1] + cached * flat[2]
+            else:
+                cost = call.rates.cost(prompt, output, cached)
+            count = call.count
+            actual = (count, count, prompt, output, prompt + output, cost, call.seconds)
+            for scope, trip in RUNTIME.store.settle(call, actual):
                 RUNTIME.events.tripped(trip, scope)
-        if call.loop_repeats != _INF:
-            tool_calls = endpoint.tool_calls(result)
-            if tool_calls:
-                watch_tool_calls(call, tool_calls)
+        if tool_calls:
+            watch_tool_calls(call, tool_calls)
         if endpoint.learns:
             endpoint.learn(call.request, result)
     except Exception as error:

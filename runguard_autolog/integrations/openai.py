@@ -75,6 +75,30 @@ class Endpoint(_Endpoint):
         return model, prompt, cap
 
     # -- response --------------------------------------------------------------------------
+    stream_key = "stream"
+
+    def reply(self, result: Any, tools: bool) -> tuple[Usage | None, list]:
+        # NB: the commonest reply (a parsed chat completion) is read here in one pass: usage in
+        # place, and tool calls only when a choice carries some (hot path)
+        usage = getattr(result, "usage", None)
+        if self.kind == "chat" and type(usage) is CompletionUsage:
+            prompt, output, details = usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details
+            cached = 0 if details is None else details.cached_tokens or 0
+            if (
+                type(prompt) is int
+                and type(output) is int
+                and type(cached) is int
+                and prompt >= 0
+                and output >= 0
+                and cached >= 0
+            ):
+                if tools:
+                    for choice in result.choices:
+                        if choice.message.tool_calls:
+                            return (prompt, output, cached), self.tool_calls(result)
+                return (prompt, output, cached), []
+        return self.usage(result), self.tool_calls(result) if tools else []
+
     def usage(self, result: Any) -> tuple[int, int, int] | None:
         """(input, output, cached input) tokens from a response, ``None`` when absent."""
         usage = getattr(result, "usage", None)
