@@ -38,6 +38,7 @@ import zipfile
 from dataclasses import dataclass, field
 
 from . import _recording
+from ._counters import fmt as _fmt
 from ._errors import RunGuardTripped
 from ._runtime import RUNTIME, internal_error, log_once, logger
 
@@ -151,10 +152,6 @@ def _count(run_id: str, files: list[tuple[str, str]]) -> None:
         ledger.writes += len(files)
         ledger.bytes += sizes
         ledger.order += len(files)
-
-
-def _fmt(value: float) -> str:
-    return "none" if value == float("inf") else str(int(value))
 
 
 def _spool(ledger: _Ledger, order: int, path: str, artifact: str, size: int) -> None:

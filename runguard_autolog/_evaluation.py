@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _recording
+from ._counters import fmt as _fmt
 from ._errors import RunGuardConfigError, RunGuardTripped
 from ._runtime import RUNTIME, log_once, logger
 from ._scopes import _SESSIONS, session, set_evaluating
@@ -137,10 +138,6 @@ def plan(
             )
         keep = fitting
     return Plan(rows, judges, per_row, estimate, budget, keep)
-
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if value == int(value) else f"{value:g}"
 
 
 def _refusal(reason: str, budget: float, estimate: int) -> RunGuardTripped:

@@ -174,6 +174,17 @@ def test_autolog_prechecks_a_direct_genai_evaluate(server):
     assert tags_of(result.run_id)["runguard.eval_sampled_rows"] == "10"
 
 
+@pytest.mark.parametrize("lifted", [math.inf, "none"])
+def test_a_lifted_eval_budget_runs_everything_with_every_evaluate(server, lifted):
+    runguard.autolog(max_eval_llm_calls=lifted)
+    result = mlflow.genai.evaluate(data=genai_rows(12), scorers=genai_judges()[:1])
+    assert len(result.result_df) == 12 and server.count("/chat/completions") == 12
+    mlflow.evaluate(data=legacy_frame(12), predictions="answer", extra_metrics=legacy_metrics(1), evaluators="default")
+    result = runguard.guarded_evaluate(None, genai_rows(12), genai_judges()[:1], max_eval_llm_calls=lifted)
+    assert len(result.result_df) == 12
+    assert tags_of(result.run_id)["runguard.eval_llm_estimate"] == "24"
+
+
 def test_autolog_prechecks_a_direct_legacy_evaluate(server):
     runguard.autolog(max_eval_llm_calls=60)
     mlflow.evaluate(data=legacy_frame(200), predictions="answer", extra_metrics=legacy_metrics(3), evaluators="default")
