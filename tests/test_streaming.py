@@ -133,3 +133,15 @@ def test_shadow_mode_records_a_mid_stream_breach_but_lets_the_stream_finish(clie
     assert len(chunks) >= 60
     assert _wait_for(lambda: server.streams_completed == 1)
     assert any("would cut a stream" in r.message for r in caplog.records)
+
+
+def test_a_stream_whose_content_is_a_list_of_parts_is_metered_and_cut(client, server):
+    server.default = Reply(content=LONG, content_parts=True, chunk_delay=0.002)
+    runguard.autolog(max_output_tokens=20)
+    received = 0
+    with pytest.raises(runguard.RunGuardTripped) as cut:
+        for _ in client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True):
+            received += 1
+    assert cut.value.limit == "max_output_tokens"
+    assert 0 < received < 100
+    assert runguard.current().output_tokens >= 20

@@ -42,6 +42,7 @@ class Reply:
     chunk_delay: float = 0.0  # seconds between stream chunks
     include_usage_in_stream: bool | None = None  # None: as the request's stream_options asks
     model: str | None = None
+    content_parts: bool = False  # stream each delta's content as a list of text parts (Databricks-style)
 
 
 class FakeOpenAIServer:
@@ -162,7 +163,7 @@ def _chat_chunks(reply: Reply, body: dict):
 
     yield chunk({"role": "assistant", "content": ""})
     for piece in pieces:
-        yield chunk({"content": piece})
+        yield chunk({"content": [{"type": "text", "text": piece}] if reply.content_parts else piece})
     for i, t in enumerate(reply.tool_calls):
         yield chunk(
             {
