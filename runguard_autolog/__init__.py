@@ -20,7 +20,7 @@ README for the table.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _patching, _recording
@@ -69,6 +69,7 @@ def autolog(
     max_context_fraction: float | str | None = None,
     on_trip: str | Callable[[RunGuardTripped], Any] | None = None,
     artifact_breach: str | None = None,
+    disabled_integrations: Iterable[str] | str | None = None,
     store: str | None = None,
     shared_budget: str | None = None,
     shared_max_calls: float | str | None = None,
@@ -89,6 +90,9 @@ def autolog(
     :class:`RunGuardConfigError` naming the keyword or variable. Calling it again
     replaces the configuration (it never double-patches or double-counts).
     ``RUNGUARD_DISABLE=1`` is a kill switch: autolog() then leaves every SDK unpatched.
+    ``disabled_integrations`` (``RUNGUARD_DISABLED_INTEGRATIONS=artifacts,evaluation``): integrations
+    left unpatched, by the names ``runguard config`` lists (openai, langchain, deployments,
+    evaluation, artifacts, runs); an unknown name is an error.
     ``artifact_breach`` (``RUNGUARD_ARTIFACT_BREACH``): past the artifact budget, outputs are
     consolidated (``"consolidate"``, the default) or consolidated and ``RunGuardTripped``
     raised (``"raise"``).

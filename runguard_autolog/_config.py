@@ -314,8 +314,27 @@ class Setting:
     source: str  # "keyword" | "environment" | "default"
 
 
-# variables that are flags or lists rather than settings with a keyword
-FLAGS = ("RUNGUARD_AUTOLOG", "RUNGUARD_DISABLE", "RUNGUARD_DISABLED_INTEGRATIONS")
+# variables that are flags rather than settings with a keyword
+FLAGS = ("RUNGUARD_AUTOLOG", "RUNGUARD_DISABLE")
+# what ``disabled_integrations`` (RUNGUARD_DISABLED_INTEGRATIONS) may name, as OpenTelemetry's
+# OTEL_PYTHON_DISABLED_INSTRUMENTATIONS does: the integrations runguard patches
+INTEGRATION_NAMES = ("openai", "langchain", "deployments", "evaluation", "artifacts", "runs")
+
+
+def parse_integrations(value: Any, where: str = "disabled_integrations") -> frozenset[str]:
+    """A comma-separated text or a list of integration names; an unknown name is an error."""
+    if isinstance(value, str):
+        names = [part.strip().lower() for part in value.split(",")]
+    elif isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(part, str) for part in value):
+        names = [part.strip().lower() for part in value]
+    else:
+        raise _bad(where, value, f"use a list of integration names ({', '.join(INTEGRATION_NAMES)})")
+    for name in names:
+        if name and name not in INTEGRATION_NAMES:
+            close = difflib.get_close_matches(name, INTEGRATION_NAMES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise _bad(where, value, f"{name!r} is not an integration; {hint}use {', '.join(INTEGRATION_NAMES)}")
+    return frozenset(name for name in names if name)
 
 
 def known_variables() -> list[str]:
@@ -324,6 +343,7 @@ def known_variables() -> list[str]:
         *LIMITS,
         "on_trip",
         "artifact_breach",
+        "disabled_integrations",
         "store",
         "shared_budget",
         *SHARED_LIMITS,
@@ -354,6 +374,7 @@ def resolve(keywords: Mapping[str, Any], environ: Mapping[str, str] | None = Non
         _pick(keywords, environ, settings, name, _parse_limit, default)
     _pick(keywords, environ, settings, "on_trip", parse_on_trip, "raise")
     _pick(keywords, environ, settings, "artifact_breach", parse_artifact_breach, "consolidate")
+    _pick(keywords, environ, settings, "disabled_integrations", parse_integrations, frozenset())
     _resolve_shared(keywords, environ, settings)
     return settings
 
@@ -425,6 +446,8 @@ def shown_value(name: str, value: Any) -> Any:
         return None
     if callable(value):
         return getattr(value, "__qualname__", repr(value))
+    if isinstance(value, frozenset):
+        return sorted(value)
     return value
 
 
@@ -434,7 +457,7 @@ def describe_json(settings: Mapping[str, Setting], environ: Mapping[str, str] | 
     return {
         "settings": {
             name: {"value": shown_value(name, settings[name].value), "source": settings[name].source}
-            for name in [*LIMITS, "on_trip", "artifact_breach", *SHARED_SETTINGS]
+            for name in [*LIMITS, "on_trip", "artifact_breach", "disabled_integrations", *SHARED_SETTINGS]
         },
         "autolog": env_flag("RUNGUARD_AUTOLOG", environ),
         "disable": env_flag("RUNGUARD_DISABLE", environ),
@@ -445,7 +468,7 @@ def describe(settings: Mapping[str, Setting], environ: Mapping[str, str] | None 
     """The effective limits and where each came from, as a table."""
     environ = os.environ if environ is None else environ
     rows = [("limit", "value", "source")]
-    for name in [*LIMITS, "on_trip", "artifact_breach", *SHARED_SETTINGS]:
+    for name in [*LIMITS, "on_trip", "artifact_breach", "disabled_integrations", *SHARED_SETTINGS]:
         setting = settings[name]
         value = setting.value
         if name == "store":
@@ -454,6 +477,8 @@ def describe(settings: Mapping[str, Setting], environ: Mapping[str, str] | None 
             shown = "none"
         elif callable(value):
             shown = getattr(value, "__qualname__", repr(value))
+        elif isinstance(value, frozenset):
+            shown = ",".join(sorted(value)) or "none"
         else:
             shown = str(value)
         source = setting.source

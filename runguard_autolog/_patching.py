@@ -35,6 +35,21 @@ INTEGRATIONS = {
     "runguard_autolog.integrations.mlflow_evaluation": "mlflow",
     "runguard_autolog.integrations.mlflow_artifacts": "mlflow",
 }
+# the names users give to ``disabled_integrations`` (RUNGUARD_DISABLED_INTEGRATIONS)
+NAMES = {
+    "openai": "runguard_autolog.integrations.openai",
+    "runs": "runguard_autolog.integrations.mlflow_runs",
+    "langchain": "runguard_autolog.integrations.langchain",
+    "deployments": "runguard_autolog.integrations.mlflow_deployments",
+    "evaluation": "runguard_autolog.integrations.mlflow_evaluation",
+    "artifacts": "runguard_autolog.integrations.mlflow_artifacts",
+}
+_NAME_OF = {module: name for name, module in NAMES.items()}
+
+
+def _disabled(integration: str) -> bool:
+    """Whether the configuration turns this integration off (``disabled_integrations``)."""
+    return _NAME_OF[integration] in RUNTIME.settings["disabled_integrations"].value
 
 
 @dataclass(frozen=True)
@@ -106,20 +121,22 @@ def _install_on_import(spec: PatchSpec) -> None:
     if spec.module in _lazy_hooked:
         return
     _lazy_hooked.add(spec.module)
-    specs = [other for other in _lazy_specs() if other.module == spec.module]
+    specs = [(owner, other) for owner, other in _lazy_specs() if other.module == spec.module]
 
     def install() -> None:
-        for each in specs:
-            install_spec(each)
+        for owner, each in specs:
+            if not _disabled(owner):
+                install_spec(each)
 
     wrapt.register_post_import_hook(_on_import(spec.module, install), spec.module)
 
 
-def _lazy_specs() -> list[PatchSpec]:
-    specs: list[PatchSpec] = []
+def _lazy_specs() -> list[tuple[str, PatchSpec]]:
+    """(integration, spec) of every patch made when its module is imported."""
+    specs: list[tuple[str, PatchSpec]] = []
     for integration in INTEGRATIONS:
         module = sys.modules.get(integration)
-        specs.extend(spec for spec in getattr(module, "PATCHES", ()) if spec.lazy)
+        specs.extend((integration, spec) for spec in getattr(module, "PATCHES", ()) if spec.lazy)
     return specs
 
 
@@ -151,6 +168,8 @@ def _reachable(owner: Any, name: str, handle: Any) -> bool:
 
 
 def install_integration(integration: str) -> None:
+    if _disabled(integration):
+        return
     module = importlib.import_module(integration)
     for spec in module.PATCHES:
         try:
@@ -182,9 +201,15 @@ def _on_import(name: str, install: Callable[[], None]):
 
 
 def install_all() -> None:
-    """Patch every SDK already imported and hook the ones imported later."""
+    """Patch every SDK already imported and hook the ones imported later; remove the patches of
+    integrations the configuration now turns off."""
     with _lock:
+        off = [integration for integration in INTEGRATIONS if _disabled(integration)]
+        if off:
+            _uninstall(off)
         for integration, root in INTEGRATIONS.items():
+            if integration in off:
+                continue
             if integration not in _hooked:
                 _hooked.add(integration)
                 wrapt.register_post_import_hook(
@@ -196,11 +221,25 @@ def install_all() -> None:
 
 def uninstall_all() -> None:
     with _lock:
-        for integration, root in INTEGRATIONS.items():
-            if root not in sys.modules:
+        _uninstall(list(INTEGRATIONS))
+
+
+def _uninstall(integrations: list[str]) -> None:
+    """Remove these integrations' patches (a patch another, enabled integration shares stays)."""
+    with _lock:
+        kept = {
+            (spec.module, spec.attribute)
+            for integration, root in INTEGRATIONS.items()
+            if integration not in integrations and root in sys.modules and not _disabled(integration)
+            for spec in importlib.import_module(integration).PATCHES
+        }
+        for integration in integrations:
+            if INTEGRATIONS[integration] not in sys.modules:
                 continue
             module = importlib.import_module(integration)
             for spec in module.PATCHES:
+                if (spec.module, spec.attribute) in kept:
+                    continue
                 try:
                     uninstall_spec(spec)
                 except Exception as error:

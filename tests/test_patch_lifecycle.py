@@ -121,3 +121,43 @@ def test_mlflow_run_lifecycle_patches_are_symmetric():
     runguard.autolog(disable=True)
     after = {(s.module, s.attribute): getattr(importlib.import_module(s.module), s.attribute) for s in mlflow_runs.PATCHES}
     assert after == before
+
+
+def _installed_modules() -> set[str]:
+    return {module for module, _ in _patching.installed_keys()}
+
+
+def test_disabled_integrations_are_left_unpatched_and_come_back_when_enabled(client, server):
+    import mlflow.deployments  # noqa: F401  (the MLflow integrations patch on import)
+
+    from runguard_autolog.integrations import mlflow_artifacts, mlflow_deployments
+
+    artifact_modules = {spec.module for spec in mlflow_artifacts.PATCHES}
+    runguard.autolog(max_calls=1, disabled_integrations=["artifacts", "evaluation"])
+    assert not artifact_modules & _installed_modules()
+    # the per-attempt hook the evaluation shares with the deployments client stays
+    assert (mlflow_deployments.URLLIB3_ATTEMPTS.module, mlflow_deployments.URLLIB3_ATTEMPTS.attribute) in set(
+        _patching.installed_keys())
+    chat(client)
+    with pytest.raises(runguard.RunGuardTripped):  # openai is still guarded
+        chat(client)
+    runguard.autolog(max_calls=5)
+    assert artifact_modules <= _installed_modules()
+
+
+def test_disabled_integrations_from_the_environment(monkeypatch, client, server):
+    monkeypatch.setenv("RUNGUARD_DISABLED_INTEGRATIONS", "openai, langchain")
+    runguard.autolog(max_calls=1)
+    for _ in range(3):
+        chat(client)  # not guarded
+    assert server.count() == 3
+    assert "langchain,openai" in runguard.config()
+
+
+@pytest.mark.parametrize("value", ["openia", "artifacts,bogus"])
+def test_an_unknown_integration_name_is_a_config_error(monkeypatch, value):
+    monkeypatch.setenv("RUNGUARD_DISABLED_INTEGRATIONS", value)
+    with pytest.raises(runguard.RunGuardConfigError, match="RUNGUARD_DISABLED_INTEGRATIONS"):
+        runguard.autolog()
+    with pytest.raises(runguard.RunGuardConfigError, match="not an integration"):
+        runguard.autolog(disabled_integrations=[value.split(",")[-1]])
