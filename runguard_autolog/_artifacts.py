@@ -31,11 +31,13 @@ import json
 import os
 import posixpath
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import _recording
 from ._counters import fmt as _fmt
@@ -73,6 +75,7 @@ class _Ledger:
     avoided: int = 0
     consolidated_bytes: int = 0
     tripped: str | None = None
+    limit: str | None = None  # the budget that tripped: max_artifact_writes or max_artifact_bytes
     spool: str | None = None
     entries: list = field(default_factory=list)
     order: int = 0
@@ -132,11 +135,13 @@ def _admit(run_id: str, files: list[tuple[str, str]]) -> tuple[list, list, _Ledg
                 continue
             if ledger.tripped is None:
                 if ledger.writes + 1 > max_writes:
+                    ledger.limit = "max_artifact_writes"
                     ledger.tripped = reason = (
                         f"artifact write budget reached ({ledger.writes}/{_fmt(max_writes)} "
                         "writes); further outputs are consolidated"
                     )
                 else:
+                    ledger.limit = "max_artifact_bytes"
                     ledger.tripped = reason = (
                         f"artifact byte budget reached ({ledger.bytes + size} > "
                         f"{_fmt(max_bytes)} bytes); further outputs are consolidated"
@@ -157,9 +162,16 @@ def _count(run_id: str, files: list[tuple[str, str]]) -> None:
 def _spool(ledger: _Ledger, order: int, path: str, artifact: str, size: int) -> None:
     """Copy one output into the run's spool directory (streamed: no whole file in memory)."""
     with _lock:
-        if ledger.spool is None:
+        created = ledger.spool is None
+        if created:
             ledger.spool = tempfile.mkdtemp(prefix=f"runguard-spool-{ledger.run_id}-")
-        spool = ledger.spool
+        spool: str = ledger.spool  # type: ignore[assignment]  # set just above
+    if created:  # logged now, so even a process killed before the run ends leaves a findable spool
+        logger.warning(
+            "runguard: run %s is past its artifact budget; its further outputs are spooled in %s until the run ends",
+            ledger.run_id,
+            spool,
+        )
     target = os.path.join(spool, f"{order:08d}")
     digest, decoder, text = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")(), True
     with open(path, "rb") as source, open(target, "wb") as copy:
@@ -196,6 +208,7 @@ def guard_log_artifacts(wrapped, instance, args, kwargs):
         run_id = named["run_id"]
         local_path = named.get("local_path", named.get("local_dir"))
         files = _files(local_path, named.get("artifact_path"))
+        unsafe = _unsafe(files)
         if os.path.isdir(local_path):  # a directory keeps its layout (it may be a model): counted, written
             _count(run_id, files)
             return _through(wrapped, args, kwargs)
@@ -203,6 +216,8 @@ def guard_log_artifacts(wrapped, instance, args, kwargs):
     except Exception as error:
         internal_error("artifact budget", error)
         return wrapped(*args, **kwargs)
+    if spooled and unsafe is not None:  # refused past the budget exactly as MLflow refuses it within
+        raise unsafe
     if not spooled:
         return _through(wrapped, args, kwargs)
     token = _WRITING.set(True)
@@ -221,7 +236,7 @@ def guard_log_artifacts(wrapped, instance, args, kwargs):
         _record_trip(run_id, reason)
         if _limits()[2] == "raise":
             flush_run(run_id, "at_trip")
-            limit = "max_artifact_writes" if "write budget" in reason else "max_artifact_bytes"
+            limit = ledger.limit or "max_artifact_writes"
             raise RunGuardTripped(
                 reason,
                 limit=limit,
@@ -229,6 +244,18 @@ def guard_log_artifacts(wrapped, instance, args, kwargs):
                 observed=ledger.writes if limit == "max_artifact_writes" else ledger.bytes,
                 scope=f"run:{run_id}",
             )
+    return None
+
+
+def _unsafe(files: list[tuple[str, str]]) -> Exception | None:
+    """MLflow's own error for an artifact path it refuses (``..``, absolute), else ``None``."""
+    from mlflow.utils.uri import validate_path_is_safe
+
+    for _, artifact in files:
+        try:
+            validate_path_is_safe(artifact)
+        except Exception as error:
+            return error
     return None
 
 
@@ -364,3 +391,66 @@ def flush_all() -> None:
 
 
 atexit.register(flush_all)
+
+_SIGNALS = ("SIGTERM", "SIGINT")
+_previous: dict[int, Any] = {}
+
+
+def install_signal_handlers() -> None:
+    """Flush spooled outputs on SIGTERM (a container stop) and SIGINT, then let the signal take
+    its course: the handler already installed runs next, and a SIGTERM left to its default
+    ends the runs as KILLED and the process as the signal would. Main thread only (Python's
+    rule); a program that installs its own handler later replaces this one."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in _SIGNALS:
+        number = getattr(signal, name, None)
+        if number is None or number in _previous:
+            continue
+        try:
+            _previous[number] = signal.signal(number, _on_signal)
+        except (ValueError, OSError):
+            continue
+
+
+def uninstall_signal_handlers() -> None:
+    for number, previous in list(_previous.items()):
+        try:
+            if signal.getsignal(number) is _on_signal:
+                signal.signal(number, previous)
+        except (ValueError, OSError):
+            pass
+        _previous.pop(number, None)
+
+
+def _on_signal(number: int, frame: Any) -> None:
+    previous = _previous.get(number, signal.SIG_DFL)
+    try:
+        if any(ledger.entries for ledger in list(_ledgers.values())):
+            logger.warning(
+                "runguard: %s received; writing the spooled artifact outputs first", signal.Signals(number).name
+            )
+        flush_all()
+        if number == signal.SIGTERM and previous in (signal.SIG_DFL, None):
+            _end_runs_killed()
+    except Exception as error:
+        log_once(
+            ("signal-flush", type(error).__name__), "runguard: could not flush on a signal (%s)", type(error).__name__
+        )
+    if callable(previous):
+        previous(number, frame)
+        return
+    if previous == signal.SIG_IGN:
+        return
+    signal.signal(number, signal.SIG_DFL)  # the default action: the process ends as the signal says
+    os.kill(os.getpid(), number)
+
+
+def _end_runs_killed() -> None:
+    """The default SIGTERM action ends the process without Python's clean-up: end the active
+    runs as KILLED first, so they do not stay RUNNING."""
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is None:
+        return
+    while fluent.active_run() is not None:
+        fluent.end_run("KILLED")

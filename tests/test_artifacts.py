@@ -242,3 +242,43 @@ def test_a_directory_counts_but_keeps_its_layout(tracking, tmp_path):
     assert listed(run.info.run_id, "model") == ["model/MLmodel", "model/conda.yaml", "model/model.pkl"]
     (entry,) = consolidated(run.info.run_id, tmp_path)["entries"]
     assert entry["artifact_path"] == "tools/after.txt" and entry["order"] == 4
+
+
+def test_sigterm_in_the_middle_of_a_storm_keeps_every_output_and_ends_the_run_killed(tracking, tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, sys, mlflow, runguard_autolog as runguard
+        mlflow.set_tracking_uri({tracking!r})
+        mlflow.set_experiment("sigterm")
+        runguard.autolog(max_artifact_writes=20)
+        run = mlflow.start_run()
+        print(run.info.run_id, flush=True)
+        for i in range(1000):
+            mlflow.log_text(f"tool output {{i}}", f"tools/out_{{i:04d}}.txt")
+            if i == 200:
+                os.kill(os.getpid(), signal.SIGTERM)  # a container stop, mid-storm
+        print("not reached", flush=True)
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNGUARD_")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == -15, done.stderr  # the signal took its course
+    assert "not reached" not in done.stdout
+    assert "spooled in" in done.stderr  # the spool's path was logged when it was made
+    run_id = done.stdout.strip().splitlines()[0]
+    assert mlflow.get_run(run_id).info.status == "KILLED"
+    texts = {f"tools/out_{i:04d}.txt": f"tool output {i}" for i in range(201)}
+    assert_every_text_kept(run_id, tmp_path, texts)
+
+
+def test_a_path_mlflow_refuses_is_refused_past_the_budget_too(tracking, tmp_path):
+    runguard.autolog(max_artifact_writes=1)
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(b"\x00\x01")
+    with mlflow.start_run() as run:
+        mlflow.log_text("first", "ok.txt")
+        with pytest.raises(mlflow.exceptions.MlflowException, match="Invalid path"):
+            mlflow.log_artifact(str(payload), "../../../../tmp/x")
+        mlflow.log_text("second", "fine.txt")  # spooled
+    names = zipfile.ZipFile(downloaded(run.info.run_id, "runguard/consolidated_final.zip", tmp_path)).namelist() \
+        if "runguard/consolidated_final.zip" in listed(run.info.run_id, "runguard") else []
+    assert not any(".." in name for name in names)
+    assert [e["artifact_path"] for e in consolidated(run.info.run_id, tmp_path)["entries"]] == ["fine.txt"]

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from .._artifacts import guard_log_artifacts
+from .._artifacts import guard_log_artifacts, install_signal_handlers, uninstall_signal_handlers
 from .._patching import PatchSpec
 
 NAME = "mlflow_artifacts"
@@ -15,3 +15,11 @@ PATCHES = (
     PatchSpec("mlflow.tracking.client", "MlflowClient.log_artifact", wrapper=guard_log_artifacts),
     PatchSpec("mlflow.tracking.client", "MlflowClient.log_artifacts", wrapper=guard_log_artifacts),
 )
+
+
+def on_install() -> None:
+    install_signal_handlers()  # a container stop writes what is spooled before the process ends
+
+
+def on_uninstall() -> None:
+    uninstall_signal_handlers()
