@@ -30,8 +30,13 @@ def run_demo(directory: str | None = None, max_calls: int = 25, out=print) -> di
         ("DO_NOT_TRACK", "true"),
     ):
         os.environ.setdefault(key, value)
+    import logging
+
     import mlflow
     import openai
+
+    for name in ("mlflow", "alembic"):  # the demo prints its own summary, not MLflow's set-up chatter
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     import runguard_autolog as runguard
     from runguard_autolog.pricing import rates_for
@@ -44,9 +49,7 @@ def run_demo(directory: str | None = None, max_calls: int = 25, out=print) -> di
 
     def looping_reply(body: dict) -> Reply:  # the agent is always told to search again
         return Reply(
-            content="Let me look that up once more.",
-            tool_calls=[ToolCall("search", json.dumps({"query": "current weather in Paris"}))],
-            usage=(_prompt_tokens(body), OUTPUT_TOKENS),
+            content=_REPLY, tool_calls=[ToolCall("search", _ARGUMENTS)], usage=(_prompt_tokens(body), OUTPUT_TOKENS)
         )
 
     with FakeOpenAIServer(default=looping_reply) as server:  # type: ignore[arg-type]
@@ -79,7 +82,8 @@ def run_demo(directory: str | None = None, max_calls: int = 25, out=print) -> di
 
     rates = rates_for(MODEL)
     first_prompt = _prompt_tokens({"messages": messages[:2]})
-    growth = (_prompt_tokens({"messages": messages}) - first_prompt) / max(spent.calls, 1)
+    # each turn adds one assistant reply and one tool result: the same growth whatever the ceiling
+    growth = _prompt_tokens({"messages": messages[:2] + _ONE_TURN}) - first_prompt
     window = (rates.context_window if rates else None) or float("inf")  # the context stops growing at the window
     unguarded = (
         sum(rates.cost(min(first_prompt + growth * i, window), OUTPUT_TOKENS) for i in range(UNGUARDED_CALLS))
@@ -103,6 +107,16 @@ def run_demo(directory: str | None = None, max_calls: int = 25, out=print) -> di
     }
 
 
+_REPLY = "Let me look that up once more."
+_ARGUMENTS = json.dumps({"query": "current weather in Paris"})
+_ONE_TURN = [
+    {
+        "role": "assistant",
+        "content": _REPLY,
+        "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "search", "arguments": _ARGUMENTS}}],
+    },
+    {"role": "tool", "tool_call_id": "call_0", "content": "Cloudy, 12°C (unchanged)."},
+]
 _TOOLS = [
     {
         "type": "function",
