@@ -2,7 +2,7 @@
 processes reclaimed, outage policies, windows, reset from the CLI, and what MLflow shows.
 
 Redis is the Debian ``redis-server``: ``.ci/run`` starts one and exports
-``RUNGUARD_TEST_REDIS_URL``; without it these tests start their own. Tests that stop or
+``RG_TEST_REDIS_URL``; without it these tests start their own. Tests that stop or
 freeze Redis always start a private one. Every test uses its own budget name.
 """
 
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    url = os.environ.get("RUNGUARD_TEST_REDIS_URL")
+    url = os.environ.get("RG_TEST_REDIS_URL")
     if url:
         yield url
         return
