@@ -52,16 +52,8 @@ def finish(call: Call, result: Any) -> Any:
         usage, tool_calls = endpoint.reply(result, call.loop_repeats != _INF)
         if usage is None:
             settle(call, None)
-        else:  # settle() and Call.amounts(), inlined (hot path)
-            prompt, output, cached = usage
-            flat = call.flat
-            if flat is not None:
-                cost = (prompt - cached) * flat[0] + output * flat[1] + cached * flat[2]
-            else:
-                cost = call.rates.cost(prompt, output, cached)
-            count = call.count
-            actual = (count, count, prompt, output, prompt + output, cost, call.seconds)
-            for scope, trip in RUNTIME.store.settle(call, actual):
+        else:
+            for scope, trip in RUNTIME.store.settle(call, call.amounts(*usage)):  # settle(), inlined
                 RUNTIME.events.tripped(trip, scope)
         if tool_calls:
             watch_tool_calls(call, tool_calls)

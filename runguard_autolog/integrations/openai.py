@@ -101,19 +101,7 @@ class Endpoint(_Endpoint):
 
     def usage(self, result: Any) -> tuple[int, int, int] | None:
         """(input, output, cached input) tokens from a response, ``None`` when absent."""
-        usage = getattr(result, "usage", None)
-        if self.kind == "chat" and type(usage) is CompletionUsage:  # the hot case, read in place
-            prompt, output, details = usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details
-            cached = 0 if details is None else details.cached_tokens or 0
-            if (
-                type(prompt) is int
-                and type(output) is int
-                and type(cached) is int
-                and prompt >= 0
-                and output >= 0
-                and cached >= 0
-            ):
-                return prompt, output, cached
+        usage = getattr(result, "usage", None)  # (the commonest reply is read by reply(), in place)
         if usage is None and hasattr(result, "http_response") and callable(getattr(result, "parse", None)):
             # ``.with_raw_response``: parsing is cached by the SDK, so the user's own parse() is free
             usage = getattr(result.parse(), "usage", None)
