@@ -176,6 +176,9 @@ end
 _RESERVE = (
     _PRELUDE
     + """
+-- the same reserve sent again (its reply was lost with the connection): admitted once
+local held = redis.call('HGET', KEYS[2], ARGV[2])
+if held then return tonumber((lease_parts(held))) end
 local seconds, now = clock()
 local start = window_start(seconds)
 local wkey = key(start)

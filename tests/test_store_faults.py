@@ -182,3 +182,26 @@ def test_fork_while_a_thread_holds_the_shared_budgets_lock_does_not_deadlock_the
     budget = _runtime.RUNTIME.store.budget
     assert _fork_and_call(client, lambda: budget._lock) == 0
     assert server.count() == 2
+
+
+def test_a_reserve_resent_after_its_reply_was_lost_is_held_once(client, server, private_redis, name, monkeypatch):
+    runguard.autolog(store=private_redis.url, shared_budget=name, shared_max_calls=10, max_calls="none")
+    chat(client)  # this thread's connection to the store exists now
+    conn = _runtime.RUNTIME.store.budget._connection.conn
+    real, lost = conn.read_response, []
+
+    def lose_the_first_reply(*args, **kwargs):
+        reply = real(*args, **kwargs)  # the script ran on the server...
+        if not lost:
+            lost.append(reply)
+            raise redis.exceptions.ConnectionError("connection reset")  # ...and its reply was lost
+        return reply
+
+    monkeypatch.setattr(conn, "read_response", lose_the_first_reply)
+    chat(client)  # the reserve is sent again on a fresh connection
+    assert lost
+    runguard.flush()
+    assert runguard.current_shared().calls == server.count() == 2
+    assert _leases(private_redis.url, name) == 0
+    admin = redis.Redis.from_url(private_redis.url)
+    assert float(admin.hget(f"runguard:{{{name}}}:w:0", "r0") or 0) == 0  # held once, released once
