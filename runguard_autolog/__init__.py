@@ -20,6 +20,7 @@ README for the table.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,6 +31,7 @@ from ._evaluation import guarded_evaluate
 from ._runtime import RUNTIME, logger
 from ._scopes import Snapshot, current, reset, session
 from ._shared import SharedSnapshot, budget_from, use_shared
+from .pricing import register_price
 from .tokens import register_encoding
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "flush",
     "guarded_evaluate",
     "register_encoding",
+    "register_price",
     "reset",
     "reset_shared",
     "session",
@@ -70,6 +73,7 @@ def autolog(
     on_trip: str | Callable[[RunGuardTripped], Any] | None = None,
     artifact_breach: str | None = None,
     disabled_integrations: Iterable[str] | str | None = None,
+    unpriced: str | None = None,
     store: str | None = None,
     shared_budget: str | None = None,
     shared_max_calls: float | str | None = None,
@@ -93,6 +97,9 @@ def autolog(
     ``disabled_integrations`` (``RUNGUARD_DISABLED_INTEGRATIONS=artifacts,evaluation``): integrations
     left unpatched, by the names ``runguard config`` lists (openai, langchain, deployments,
     evaluation, artifacts, runs); an unknown name is an error.
+    ``unpriced`` (``RUNGUARD_UNPRICED``): ``"allow"`` (the default: a model with no known price
+    costs 0 USD) or ``"refuse"`` (refused before sending while a cost limit is set, with
+    ``limit="unpriced"``). Prices: :func:`register_price`, or ``RUNGUARD_PRICES`` naming a JSON file.
     ``artifact_breach`` (``RUNGUARD_ARTIFACT_BREACH``): past the artifact budget, outputs are
     consolidated (``"consolidate"``, the default) or consolidated and ``RunGuardTripped``
     raised (``"raise"``).
@@ -114,11 +121,27 @@ def autolog(
             use_shared(None)
             return
         settings = resolve(keywords)  # raises before anything changes
+        _register_prices(settings)
         budget = budget_from(settings)
         RUNTIME.configure(settings)
         use_shared(budget)
         RUNTIME.enabled = True
         _patching.install_all()
+
+
+def _register_prices(settings: dict) -> None:
+    """The prices file's entries (``RUNGUARD_PRICES``), models first, then the aliases of them."""
+    table = settings["prices"].value
+    if not table:
+        return
+    path = os.environ.get("RUNGUARD_PRICES", "")
+    try:
+        for model, entry in sorted(table.items(), key=lambda item: "same_as" in item[1]):
+            register_price(model, **entry)
+    except RunGuardConfigError as error:
+        raise RunGuardConfigError(
+            f"runguard: RUNGUARD_PRICES={path!r}: {str(error).removeprefix('runguard: ')}"
+        ) from None
 
 
 def _switch(on: bool) -> None:
@@ -143,8 +166,6 @@ def _budget_named(name: str | None, store: str | None):
         raise RunGuardConfigError("runguard: no shared budget is configured here; pass its name")
     name = parse_budget_name(name, "name")
     if store is None:
-        import os
-
         if "RUNGUARD_STORE" not in os.environ:
             raise RunGuardConfigError(
                 "runguard: which store holds the shared budget? pass store='redis://…' or set RUNGUARD_STORE"

@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._counters import Trip, as_counters
+from ._counters import COST, Trip, as_counters
 from ._errors import RunGuardTripped
 from ._loops import observe_request, observe_tool_calls
 from ._runtime import RUNTIME, internal_error, log_once
 from ._scopes import current_charges
-from ._store import Reservation
-from .pricing import rates_for
+from ._store import Refusal, Reservation
+from .pricing import SNAPSHOT, rates_for
+from .pricing import refresh as refresh_prices
 
 _INF = float("inf")
 _UNPRICED = (0.0, 0.0, 0.0)  # a model genai-prices does not know costs 0 (documented)
@@ -92,6 +93,11 @@ class Endpoint:
     def learn(self, request: Any, result: Any) -> None:
         """Remember what a reply says about later requests (a route's model, say)."""
 
+    def reply_model(self, result: Any) -> str | None:
+        """The model a reply names (an Azure deployment answers with its base model)."""
+        model = result.get("model") if isinstance(result, dict) else getattr(result, "model", None)
+        return model if isinstance(model, str) else None
+
     def stream_tool_calls(self, entries: list) -> list:
         """The (name, arguments) of the tool calls :meth:`chunk_tool_calls` gathered."""
         return [(entry[0], entry[1]) for entry in entries if entry[0]]
@@ -163,6 +169,9 @@ def admit(endpoint: Endpoint, request: Any) -> Call:
     charges, limits = current_charges()
     model, prompt, cap = endpoint.forecast(request)
     count = endpoint.calls(request) if endpoint.batched else 1
+    snapshot = SNAPSHOT  # genai-prices' data replaced (UpdatePrices): drop the cached lookups once
+    if snapshot.module is not None and snapshot.module._custom_snapshot is not snapshot.seen:
+        refresh_prices()
     rates = endpoint.prices.get(model, _MISSING)
     if rates is _MISSING:
         rates = endpoint.rates(model, request)
@@ -206,8 +215,37 @@ def admit(endpoint: Endpoint, request: Any) -> Call:
             trip = observe_request(charges[-1][0], model, payload, limits["loop_identical_requests"])
             if trip is not None:
                 open_circuit(charges[-1][0], trip)
+    if rates is None and limits["unpriced"] == "refuse" and _cost_limited(charges):
+        refusal = _unpriced(charges[-1][0], model)
+        if on_trip == "raise":
+            call.settled = True  # nothing held
+            call.refusal = refusal
+            return call
+        call.refusal = RUNTIME.store.reserve(call, False) or refusal  # shadow mode: held like any call
+        return call
     call.refusal = RUNTIME.store.reserve(call, on_trip == "raise")
     return call
+
+
+def _cost_limited(charges: list) -> bool:
+    """Whether a cost limit applies to this call (in a scope, or in the shared budget)."""
+    if any(index == COST for _, checks in charges for index, _ in checks):
+        return True
+    budget = getattr(RUNTIME.store, "budget", None)
+    return budget is not None and any(index == COST for index, _ in budget.checks)
+
+
+def _unpriced(scope: Any, model: str) -> Refusal:
+    trip = Trip(
+        scope.name,
+        "unpriced",
+        None,
+        model,
+        f"no price is known for model {model!r} and a cost limit is set (unpriced='refuse'); register one "
+        "with runguard.register_price()",
+        as_counters(scope.used),
+    )
+    return Refusal(scope, trip, False, False)
 
 
 def _context_trip(scope: Any, model: str, prompt: int, window: int, limits: dict) -> Trip:

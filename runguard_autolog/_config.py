@@ -9,6 +9,7 @@ keyword or variable and the value.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
@@ -59,6 +60,7 @@ STORE_OUTAGE_CHOICES = ("fail_closed", "fail_open")
 DEFAULT_LEASE_S = 30.0
 _BUDGET_NAME = re.compile(r"[A-Za-z0-9._:/@+=-]{1,200}")
 ON_TRIP_CHOICES = ("raise", "warn")
+UNPRICED_CHOICES = ("allow", "refuse")  # a call to a model with no known price, under a cost limit
 ARTIFACT_BREACH_CHOICES = ("consolidate", "raise")  # past the artifact budget: spool only, or also raise
 _OFF_WORDS = ("none", "off")
 _TRUE_WORDS = ("1", "true", "yes", "on")
@@ -194,6 +196,34 @@ def parse_on_trip(value: Any, where: str = "on_trip") -> str | Callable[..., Any
     if isinstance(value, str) and value.strip().lower() in ON_TRIP_CHOICES:
         return value.strip().lower()
     raise _bad(where, value, "use 'raise', 'warn' or a callable")
+
+
+def parse_unpriced(value: Any, where: str = "unpriced") -> str:
+    if isinstance(value, str) and value.strip().lower() in UNPRICED_CHOICES:
+        return value.strip().lower()
+    raise _bad(where, value, "use 'allow' or 'refuse'")
+
+
+def parse_prices(value: Any, where: str = "prices") -> dict[str, dict[str, Any]]:
+    """A JSON file of prices: ``{model: {"input_usd_per_mtok": ..., "output_usd_per_mtok": ...,
+    "cached_input_usd_per_mtok": ...} | {"same_as": model}}`` (checked here; registered by autolog())."""
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(where, value, "name a JSON file of prices")
+    try:
+        with open(value, encoding="utf-8") as file:
+            table = json.load(file)
+    except OSError as error:
+        raise _bad(where, value, f"cannot be read ({type(error).__name__})") from None
+    except ValueError:
+        raise _bad(where, value, "is not a JSON file") from None
+    fields = {"input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok", "same_as"}
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise _bad(where, value, 'must hold {"model": {"input_usd_per_mtok": ..., "output_usd_per_mtok": ...}}')
+    for model, entry in table.items():
+        unknown = set(entry) - fields
+        if unknown:
+            raise _bad(where, value, f"model {model!r} has unknown field(s) {', '.join(sorted(unknown))}")
+    return table
 
 
 def parse_artifact_breach(value: Any, where: str = "artifact_breach") -> str:
@@ -344,6 +374,8 @@ def known_variables() -> list[str]:
         "on_trip",
         "artifact_breach",
         "disabled_integrations",
+        "unpriced",
+        "prices",
         "store",
         "shared_budget",
         *SHARED_LIMITS,
@@ -375,6 +407,8 @@ def resolve(keywords: Mapping[str, Any], environ: Mapping[str, str] | None = Non
     _pick(keywords, environ, settings, "on_trip", parse_on_trip, "raise")
     _pick(keywords, environ, settings, "artifact_breach", parse_artifact_breach, "consolidate")
     _pick(keywords, environ, settings, "disabled_integrations", parse_integrations, frozenset())
+    _pick(keywords, environ, settings, "unpriced", parse_unpriced, "allow")
+    _pick(keywords, environ, settings, "prices", parse_prices, None)
     _resolve_shared(keywords, environ, settings)
     return settings
 
@@ -440,6 +474,8 @@ SHARED_SETTINGS = ("store", "shared_budget", *SHARED_LIMITS, "shared_window", "s
 
 def shown_value(name: str, value: Any) -> Any:
     """A setting's value as ``runguard config`` shows it (JSON-safe; no password)."""
+    if name == "prices" and isinstance(value, dict):
+        return sorted(value)
     if name == "store":
         return redact(value)
     if value is None or value == float("inf"):
@@ -457,7 +493,15 @@ def describe_json(settings: Mapping[str, Setting], environ: Mapping[str, str] | 
     return {
         "settings": {
             name: {"value": shown_value(name, settings[name].value), "source": settings[name].source}
-            for name in [*LIMITS, "on_trip", "artifact_breach", "disabled_integrations", *SHARED_SETTINGS]
+            for name in [
+                *LIMITS,
+                "on_trip",
+                "artifact_breach",
+                "disabled_integrations",
+                "unpriced",
+                "prices",
+                *SHARED_SETTINGS,
+            ]
         },
         "autolog": env_flag("RUNGUARD_AUTOLOG", environ),
         "disable": env_flag("RUNGUARD_DISABLE", environ),
@@ -468,7 +512,15 @@ def describe(settings: Mapping[str, Setting], environ: Mapping[str, str] | None 
     """The effective limits and where each came from, as a table."""
     environ = os.environ if environ is None else environ
     rows = [("limit", "value", "source")]
-    for name in [*LIMITS, "on_trip", "artifact_breach", "disabled_integrations", *SHARED_SETTINGS]:
+    for name in [
+        *LIMITS,
+        "on_trip",
+        "artifact_breach",
+        "disabled_integrations",
+        "unpriced",
+        "prices",
+        *SHARED_SETTINGS,
+    ]:
         setting = settings[name]
         value = setting.value
         if name == "store":
@@ -479,6 +531,8 @@ def describe(settings: Mapping[str, Setting], environ: Mapping[str, str] | None 
             shown = getattr(value, "__qualname__", repr(value))
         elif isinstance(value, frozenset):
             shown = ",".join(sorted(value)) or "none"
+        elif isinstance(value, dict):  # prices: the models the file prices
+            shown = ",".join(sorted(value))
         else:
             shown = str(value)
         source = setting.source

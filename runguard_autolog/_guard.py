@@ -33,6 +33,7 @@ from typing import Any
 from ._call import Call, Endpoint, _last_resort, begin, failed, settle, watch_tool_calls
 from ._runtime import RUNTIME, internal_error
 from ._streams import lazy_stream, meter_stream
+from .pricing import learn_reply_model
 
 _INF = float("inf")
 
@@ -50,6 +51,8 @@ def finish(call: Call, result: Any) -> Any:
                 settle(call, None)
                 return result
         usage, tool_calls = endpoint.reply(result, call.loop_repeats != _INF)
+        if call.rates is None:  # an unpriced name (a deployment): priced by the model its reply names
+            _price_by_reply(call, result)
         if usage is None:
             settle(call, None)
         else:
@@ -63,6 +66,13 @@ def finish(call: Call, result: Any) -> Any:
         _last_resort(call)
         internal_error("settle", error)
     return result
+
+
+def _price_by_reply(call: Call, result: Any) -> None:
+    endpoint = call.endpoint
+    rates = learn_reply_model(endpoint.provider, call.model, endpoint.reply_model(result))
+    if rates is not None:
+        call.rates, call.flat = rates, rates.flat
 
 
 # -- the drivers ---------------------------------------------------------------------------

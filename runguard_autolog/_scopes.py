@@ -67,6 +67,7 @@ class Scope:
         if version != RUNTIME.version:
             limits = RUNTIME.limits()
             limits["on_trip"] = RUNTIME.on_trip
+            limits["unpriced"] = RUNTIME.settings["unpriced"].value
             limits.update(self.own)
             checks = _checks(limits)
             self._effective = (RUNTIME.version, limits, checks)
