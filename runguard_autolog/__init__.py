@@ -74,6 +74,7 @@ def autolog(
     artifact_breach: str | None = None,
     disabled_integrations: Iterable[str] | str | None = None,
     unpriced: str | None = None,
+    window: str | int | None = None,
     store: str | None = None,
     shared_budget: str | None = None,
     shared_max_calls: float | str | None = None,
@@ -97,6 +98,9 @@ def autolog(
     ``disabled_integrations`` (``RUNGUARD_DISABLED_INTEGRATIONS=artifacts,evaluation``): integrations
     left unpatched, by the names ``runguard config`` lists (openai, langchain, deployments,
     evaluation, artifacts, runs); an unknown name is an error.
+    ``window`` (``RUNGUARD_WINDOW``): ``"minute"``, ``"hour"``, ``"day"`` or seconds: the process
+    and run scopes count in fixed windows, starting afresh (counters and circuit) at each
+    boundary, so a long-running service is not stopped for good; ``None``: for the process's life.
     ``unpriced`` (``RUNGUARD_UNPRICED``): ``"allow"`` (the default: a model with no known price
     costs 0 USD) or ``"refuse"`` (refused before sending while a cost limit is set, with
     ``limit="unpriced"``). Prices: :func:`register_price`, or ``RUNGUARD_PRICES`` naming a JSON file.

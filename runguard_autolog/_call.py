@@ -15,7 +15,7 @@ from ._counters import COST, Trip, as_counters
 from ._errors import RunGuardTripped
 from ._loops import observe_request, observe_tool_calls
 from ._runtime import RUNTIME, internal_error, log_once
-from ._scopes import current_charges
+from ._scopes import current_charges, retry_after
 from ._store import Refusal, Reservation
 from .pricing import SNAPSHOT, rates_for
 from .pricing import refresh as refresh_prices
@@ -272,6 +272,9 @@ def refuse(call: Any, trip: Trip, newly: bool, target: str) -> None:
     hand it to the callable, whose exception (any) stops the call and reaches the caller."""
     policy = call.on_trip
     error = RunGuardTripped.from_trip(trip, shadow=policy != "raise")
+    seconds = retry_after(trip.scope, call.charges)
+    if seconds is not None:  # a windowed scope: it opens again when its window rolls over
+        error.details["retry_after"] = seconds
     try:
         RUNTIME.events.refused(error, trip, newly, target, getattr(call, "request", None))
     except Exception as failure:  # recording never replaces the trip

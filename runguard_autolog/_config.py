@@ -376,6 +376,7 @@ def known_variables() -> list[str]:
         "disabled_integrations",
         "unpriced",
         "prices",
+        "window",
         "store",
         "shared_budget",
         *SHARED_LIMITS,
@@ -408,6 +409,7 @@ def resolve(keywords: Mapping[str, Any], environ: Mapping[str, str] | None = Non
     _pick(keywords, environ, settings, "artifact_breach", parse_artifact_breach, "consolidate")
     _pick(keywords, environ, settings, "disabled_integrations", parse_integrations, frozenset())
     _pick(keywords, environ, settings, "unpriced", parse_unpriced, "allow")
+    _pick(keywords, environ, settings, "window", parse_window, None)
     _pick(keywords, environ, settings, "prices", parse_prices, None)
     _resolve_shared(keywords, environ, settings)
     return settings
@@ -472,6 +474,19 @@ def explicit_limits(keywords: Mapping[str, Any]) -> dict[str, Any]:
 SHARED_SETTINGS = ("store", "shared_budget", *SHARED_LIMITS, "shared_window", "store_outage", "shared_lease_s")
 
 
+# what ``runguard config`` shows, in order
+SHOWN_SETTINGS = (
+    *LIMITS,
+    "on_trip",
+    "artifact_breach",
+    "disabled_integrations",
+    "unpriced",
+    "prices",
+    "window",
+    *SHARED_SETTINGS,
+)
+
+
 def shown_value(name: str, value: Any) -> Any:
     """A setting's value as ``runguard config`` shows it (JSON-safe; no password)."""
     if name == "prices" and isinstance(value, dict):
@@ -493,15 +508,7 @@ def describe_json(settings: Mapping[str, Setting], environ: Mapping[str, str] | 
     return {
         "settings": {
             name: {"value": shown_value(name, settings[name].value), "source": settings[name].source}
-            for name in [
-                *LIMITS,
-                "on_trip",
-                "artifact_breach",
-                "disabled_integrations",
-                "unpriced",
-                "prices",
-                *SHARED_SETTINGS,
-            ]
+            for name in SHOWN_SETTINGS
         },
         "autolog": env_flag("RUNGUARD_AUTOLOG", environ),
         "disable": env_flag("RUNGUARD_DISABLE", environ),
@@ -512,15 +519,7 @@ def describe(settings: Mapping[str, Setting], environ: Mapping[str, str] | None 
     """The effective limits and where each came from, as a table."""
     environ = os.environ if environ is None else environ
     rows = [("limit", "value", "source")]
-    for name in [
-        *LIMITS,
-        "on_trip",
-        "artifact_breach",
-        "disabled_integrations",
-        "unpriced",
-        "prices",
-        *SHARED_SETTINGS,
-    ]:
+    for name in SHOWN_SETTINGS:
         setting = settings[name]
         value = setting.value
         if name == "store":

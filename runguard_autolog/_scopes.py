@@ -16,12 +16,13 @@ import sys
 import time
 from typing import Any
 
-from ._config import LIMITS, explicit_limits
+from ._config import LIMITS, explicit_limits, parse_window
 from ._counters import COUNTER_OF_LIMIT, COUNTERS, CounterView
 from ._errors import RunGuardTripped
 from ._runtime import RUNTIME
 
 _INF = float("inf")
+_AUTOLOG = object()  # a scope whose window is autolog()'s
 
 
 def _checks(limits: dict[str, Any]) -> tuple:
@@ -46,10 +47,18 @@ class Scope:
         "throttled",
         "tripped",
         "used",
+        "window",
+        "window_end",
     )
 
-    def __init__(self, name: str, own: dict[str, Any] | None = None, entered: float | None = None) -> None:
+    def __init__(
+        self, name: str, own: dict[str, Any] | None = None, entered: float | None = None, window: Any = _AUTOLOG
+    ) -> None:
         self.name = name
+        # fixed windows (seconds): counters and circuit start afresh at each boundary. A session
+        # has its own (or none); the process and run scopes take autolog()'s (RUNGUARD_WINDOW).
+        self.window = window
+        self.window_end = 0.0
         self.own = dict(own or {})
         self.own_checks = _checks(self.own)
         self.entered = time.time() if entered is None else entered
@@ -72,6 +81,10 @@ class Scope:
             checks = _checks(limits)
             self._effective = (RUNTIME.version, limits, checks)
         return limits, checks
+
+    def current_window(self) -> int | None:
+        """This scope's window in seconds, ``None`` for none."""
+        return RUNTIME.settings["window"].value if self.window is _AUTOLOG else self.window
 
     def __repr__(self) -> str:
         return f"<runguard scope {self.name}>"
@@ -152,11 +165,32 @@ def open_scopes(run: Any = _UNKNOWN) -> list[Scope]:
     return scopes
 
 
-_process_only: list[Any] = [-1, None, None]  # (version, charges, limits) when no session or run is open
+_process_only: list[Any] = [-1, None, None, None]  # (version, charges, limits) when no session or run is open
+
+
+def roll(scope: Scope, window: int, now: float) -> None:
+    """A windowed scope whose window ended: fresh counters and a closed circuit (the store
+    checks again under its lock, so concurrent callers roll it once)."""
+    RUNTIME.store.roll(scope, now, (now // window + 1) * window)
+
+
+def retry_after(scope_name: str, charges: Any) -> float | None:
+    """Seconds until the named scope's window rolls over (``None``: not windowed)."""
+    for scope, _ in charges:
+        if scope.name == scope_name and scope.current_window():
+            return max(0.0, scope.window_end - time.time())
+    return None
 
 
 def charges_for(scopes: list[Scope]) -> tuple[list[tuple[Scope, tuple]], dict[str, Any]]:
     """Pair each scope with the limits it enforces on this call; also the innermost's limits."""
+    now = 0.0
+    for scope in scopes:
+        window = scope.current_window()
+        if window:
+            now = now or time.time()
+            if now >= scope.window_end:
+                roll(scope, window, now)
     limits, checks = scopes[-1].effective()
     charges = [(scope, scope.own_checks) for scope in scopes[:-1]]
     charges.append((scopes[-1], checks))
@@ -173,8 +207,13 @@ def current_charges() -> tuple[Any, dict[str, Any]]:
         cached = _process_only
         if cached[0] != RUNTIME.version:
             limits, checks = PROCESS.effective()
-            cached[1:] = [((PROCESS, checks),), limits]
+            cached[1:] = [((PROCESS, checks),), limits, PROCESS.current_window()]
             cached[0] = RUNTIME.version
+        window = cached[3]
+        if window:
+            now = time.time()
+            if now >= PROCESS.window_end:
+                roll(PROCESS, window, now)
         return cached[1], cached[2]
     return charges_for(open_scopes(run))
 
@@ -226,15 +265,16 @@ class session:
     Each entry (and each call of a decorated function) starts fresh counters.
     """
 
-    def __init__(self, name: str | None = None, **limits: Any) -> None:
+    def __init__(self, name: str | None = None, *, window: str | int | None = None, **limits: Any) -> None:
         self.name = name
+        self.window = parse_window(window, "window")
         self.limits = explicit_limits(limits)
         self.scope: Scope | None = None
         self._tokens: list = []
 
     def _enter(self) -> session:
         name = self.name if self.name is not None else f"anonymous-{next(_anonymous)}"
-        self.scope = Scope(f"session:{name}", self.limits)
+        self.scope = Scope(f"session:{name}", self.limits, window=self.window)
         self._tokens.append(_SESSIONS.set((*_SESSIONS.get(), self.scope)))
         return self
 
@@ -259,20 +299,20 @@ class session:
         return Snapshot(self.scope)
 
     def __call__(self, func):
-        name, limits = self.name or func.__qualname__, self.limits
+        name, limits, window = self.name or func.__qualname__, self.limits, self.window
 
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def run_async(*args, **kwargs):
-                async with session(name, **limits):
+                async with session(name, window=window, **limits):
                     return await func(*args, **kwargs)
 
             return run_async
 
         @functools.wraps(func)
         def run(*args, **kwargs):
-            with session(name, **limits):
+            with session(name, window=window, **limits):
                 return func(*args, **kwargs)
 
         return run
@@ -285,6 +325,7 @@ def _reset_process() -> None:
     PROCESS.tripped = None
     PROCESS.throttled = 0
     PROCESS.loops = None
+    PROCESS.window_end = 0.0
 
 
 RUNTIME.on_reset(_reset_process)

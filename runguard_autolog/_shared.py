@@ -943,6 +943,9 @@ class SharedStore:
     def reset(self, scope):
         self.local.reset(scope)
 
+    def roll(self, scope, now, window_end):
+        self.local.roll(scope, now, window_end)
+
     def trip(self, scope, trip):
         return self.local.trip(scope, trip)
 

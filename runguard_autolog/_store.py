@@ -270,6 +270,14 @@ class MemoryStore:
             scope.tripped = None
             scope.loops = None  # the loop history goes with the circuit
 
+    def roll(self, scope, now: float, window_end: float) -> None:
+        """A new fixed window: reset the scope (once, however many callers see the boundary)."""
+        with self._lock:
+            if now < scope.window_end:
+                return
+            scope.window_end = window_end
+        self.reset(scope)
+
     def trip(self, scope, trip):
         """Open a scope's circuit for a reason found outside the counters (first one wins)."""
         with self._lock:

@@ -1,0 +1,89 @@
+"""Fixed time windows: a long-running service is not stopped for good by its 51st call. The
+process, run and session scopes start afresh (counters and circuit) at each window boundary,
+and a refusal says when the window opens again."""
+
+from __future__ import annotations
+
+import time
+
+import mlflow
+import pytest
+
+import runguard_autolog as runguard
+
+from .conftest import chat
+
+
+def _refused(client) -> runguard.RunGuardTripped:
+    with pytest.raises(runguard.RunGuardTripped) as refused:
+        chat(client)
+    return refused.value
+
+
+def test_a_windowed_process_scope_starts_afresh_at_the_boundary(client, server):
+    runguard.autolog(max_calls=3, window=2)
+    for _ in range(3):
+        chat(client)
+    trip = _refused(client)
+    assert trip.limit == "max_calls" and trip.scope == "process"
+    wait = trip.details["retry_after"]
+    assert 0 <= wait <= 2
+    time.sleep(wait + 0.05)
+    chat(client)  # a new window: the circuit is closed and the counters are fresh
+    assert runguard.current().calls == 1 and runguard.current().tripped is None
+    assert server.count() == 4
+
+
+def test_a_service_of_independent_requests_is_not_stopped_for_good(client, server):
+    runguard.autolog(max_calls=5, window=1)
+    outcomes = []
+    deadline = time.time() + 2.2
+    while time.time() < deadline:
+        try:
+            chat(client)
+            outcomes.append("ok")
+        except runguard.RunGuardTripped:
+            outcomes.append("refused")
+        time.sleep(0.02)
+    # each window admits at most 5; later windows admit again after refusals
+    assert "refused" in outcomes
+    assert outcomes[-1] == "ok" or outcomes.index("refused") < len(outcomes) - 1
+    first_refusal = outcomes.index("refused")
+    assert "ok" in outcomes[first_refusal:]
+    assert server.count() <= 5 * 4  # at most 5 per window, over at most 4 windows (alignment)
+
+
+def test_a_session_window_and_no_window_for_other_sessions(client, server):
+    runguard.autolog(max_calls="none")
+    with runguard.session("tenant", max_calls=1, window="minute"):
+        chat(client)
+        trip = _refused(client)
+        assert trip.scope == "session:tenant" and 0 < trip.details["retry_after"] <= 60
+    with runguard.session("plain", max_calls=1):
+        chat(client)
+        assert "retry_after" not in _refused(client).details
+
+
+def test_a_run_scope_takes_autologs_window(client, server, tracking):
+    runguard.autolog(max_calls=1, window=1)
+    with mlflow.start_run():
+        chat(client)
+        trip = _refused(client)
+        assert trip.scope.startswith("run:")
+        time.sleep(trip.details["retry_after"] + 0.05)
+        chat(client)
+    assert server.count() == 2
+
+
+def test_window_from_the_environment_and_bad_values(monkeypatch):
+    monkeypatch.setenv("RUNGUARD_WINDOW", "hour")
+    runguard.autolog()
+    assert "window" in runguard.config() and "3600" in runguard.config()
+    monkeypatch.setenv("RUNGUARD_WINDOW", "fortnight")
+    with pytest.raises(runguard.RunGuardConfigError, match="RUNGUARD_WINDOW='fortnight'"):
+        runguard.autolog()
+    monkeypatch.delenv("RUNGUARD_WINDOW")
+    with pytest.raises(runguard.RunGuardConfigError, match="window='fortnight'"):
+        runguard.autolog(window="fortnight")
+    with pytest.raises(runguard.RunGuardConfigError, match="window='fortnight'"):
+        runguard.session("s", window="fortnight")
