@@ -34,6 +34,7 @@ INTEGRATIONS = {
     "runguard_autolog.integrations.mlflow_deployments": "mlflow.deployments",
     "runguard_autolog.integrations.mlflow_evaluation": "mlflow",
     "runguard_autolog.integrations.mlflow_artifacts": "mlflow",
+    "runguard_autolog.integrations.mlflow_serving": "mlflow",
 }
 # the names users give to ``disabled_integrations`` (RUNGUARD_DISABLED_INTEGRATIONS)
 NAMES = {
@@ -43,6 +44,7 @@ NAMES = {
     "deployments": "runguard_autolog.integrations.mlflow_deployments",
     "evaluation": "runguard_autolog.integrations.mlflow_evaluation",
     "artifacts": "runguard_autolog.integrations.mlflow_artifacts",
+    "serving": "runguard_autolog.integrations.mlflow_serving",
 }
 _NAME_OF = {module: name for name, module in NAMES.items()}
 
