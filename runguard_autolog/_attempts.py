@@ -83,9 +83,12 @@ def sync_attempt(reader: Reader, current: Callable[[], Call | None] | None = Non
     the sync call in flight in this thread."""
     status_of = reader.status_attribute
     mark = RUNTIME.in_sync_call
+    in_call = RUNTIME.in_call
 
     def attempt(wrapped, instance, args, kwargs):
         call = mark.call if current is None else current()
+        if call is None:  # a sync SDK call run in a thread for an async guarded call (an executor)
+            call = in_call.get()
         if call is None or call.settled:
             return wrapped(*args, **kwargs)
         if call.retry_due:
@@ -154,9 +157,10 @@ def async_attempt(reader: Reader):
 
 
 def before_retry(call: Call) -> None:
-    """Admit one more attempt of ``call`` (raises ``RunGuardTripped`` when refused)."""
+    """Admit one more attempt of ``call`` (raises ``RunGuardTripped`` when refused). In shadow
+    mode a refused attempt still goes, and is counted like any other."""
     try:
-        refusal = RUNTIME.store.retry(call, call.seconds)
+        refusal = RUNTIME.store.retry(call, call.seconds, call.on_trip == "raise")
         call.seconds = 0.0  # charged
     except Exception as error:
         internal_error("admitting a retry", error)
@@ -262,6 +266,8 @@ def stop(call: Call, scope: Any, trip: Trip, newly: bool) -> None:
     try:
         refuse(call, trip, newly=newly, target=call.endpoint.name)
     except RunGuardTripped as error:
+        error.details["attempts"] = call.attempts  # sent before the trip: the message says so
+        error.args = (error._message(),)
         call.stopped = error if call.stopped is None else call.stopped
         raise
 

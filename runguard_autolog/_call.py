@@ -296,7 +296,8 @@ def refuse(call: Any, trip: Trip, newly: bool, target: str) -> None:
     try:
         policy(error)
     except BaseException:
-        _quietly(RUNTIME.store.release, call, "release")
+        if not call.attempts:  # before sending: nothing to charge (after, failed() charges the attempts)
+            _quietly(RUNTIME.store.release, call, "release")
         raise
 
 

@@ -63,6 +63,13 @@ class RunGuardTripped(RuntimeError):
         )
 
     def _message(self) -> str:
+        sent = self.details.get("attempts")
+        if sent:  # stopped between the HTTP attempts of one call
+            return (
+                f"runguard: {self.reason} in scope {self.scope}. {sent} attempt(s) of this call had been sent; "
+                f"no further one was. Fix the cause or raise the limit ({self.limit}), then call "
+                f"runguard.reset() or open a new runguard.session()."
+            )
         if self.scope.startswith("shared:"):
             name = self.scope[len("shared:") :]
             if self.limit == "store_outage":

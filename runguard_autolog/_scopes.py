@@ -39,6 +39,7 @@ class Scope:
         "_effective",
         "entered",
         "epoch",
+        "owner",
         "loops",
         "name",
         "own",
@@ -59,6 +60,7 @@ class Scope:
         # has its own (or none); the process and run scopes take autolog()'s (RUNGUARD_WINDOW).
         self.window = window
         self.window_end = 0.0
+        self.owner: Any = None  # the session object that opened it
         self.own = dict(own or {})
         self.own_checks = _checks(self.own)
         self.entered = time.time() if entered is None else entered
@@ -269,17 +271,23 @@ class session:
         self.name = name
         self.window = parse_window(window, "window")
         self.limits = explicit_limits(limits)
-        self.scope: Scope | None = None
-        self._tokens: list = []
+        self.scope: Scope | None = None  # the last one entered (one object may be entered by many tasks)
 
     def _enter(self) -> session:
         name = self.name if self.name is not None else f"anonymous-{next(_anonymous)}"
-        self.scope = Scope(f"session:{name}", self.limits, window=self.window)
-        self._tokens.append(_SESSIONS.set((*_SESSIONS.get(), self.scope)))
+        scope = self.scope = Scope(f"session:{name}", self.limits, window=self.window)
+        scope.owner = self
+        _SESSIONS.set((*_SESSIONS.get(), scope))
         return self
 
     def _exit(self) -> None:
-        _SESSIONS.reset(self._tokens.pop())
+        """Close the innermost scope this object opened *in this context*: threads and tasks that
+        enter the same object each have their own (no token shared between contexts)."""
+        chain = _SESSIONS.get()
+        for position in range(len(chain) - 1, -1, -1):
+            if chain[position].owner is self:
+                _SESSIONS.set(chain[:position] + chain[position + 1 :])
+                return
 
     def __enter__(self) -> session:
         return self._enter()

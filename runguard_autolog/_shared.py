@@ -304,28 +304,32 @@ local wkey = key(start)
 local v = load(wkey)
 local dirty = {[7] = true}
 v[7] = v[7] + tonumber(ARGV[3])
+local result = nil
 if v.trip then
-  save(wkey, start, v, dirty)
-  return {0, v.trip}
-end
-for index, threshold in string.gmatch(ARGV[4], '(%d):([^:,]+)') do
-  index = tonumber(index)
-  if index == 6 and v[7] >= tonumber(threshold) then
-    save(wkey, start, v, dirty)
-    local trip = trip_of(6, threshold, v[7], 0, v)
-    redis.call('HSET', wkey, 'trip', trip)
-    return {2, trip, 1}
+  result = {0, v.trip}
+else
+  for index, threshold in string.gmatch(ARGV[4], '(%d):([^:,]+)') do
+    index = tonumber(index)
+    if index == 6 and v[7] >= tonumber(threshold) then
+      local trip = trip_of(6, threshold, v[7], 0, v)
+      redis.call('HSET', wkey, 'trip', trip)
+      result = {2, trip, 1}
+      break
+    end
+    if index == 1 and v[2] + v[9] + 1 > tonumber(threshold) then
+      local trip, sticky = refusal(wkey, v, 1, threshold, 1)
+      result = {2, trip, sticky}
+      break
+    end
   end
-  if index == 1 and v[2] + v[9] + 1 > tonumber(threshold) then
-    save(wkey, start, v, dirty)
-    local trip, sticky = refusal(wkey, v, 1, threshold, 1)
-    return {2, trip, sticky}
-  end
 end
-v[2] = v[2] + 1
-dirty[2] = true
+-- admitted, or refused in shadow mode (ARGV[5] '0'): the attempt goes, and counts
+if result == nil or ARGV[5] == '0' then
+  v[2] = v[2] + 1
+  dirty[2] = true
+end
 save(wkey, start, v, dirty)
-return {1}
+return result or {1}
 """
 )
 
@@ -374,6 +378,12 @@ os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 class _ThreadConnection(threading.local):
     conn: Any = None
     pid: int | None = None
+
+
+class _Detached:
+    """A reservation-shaped holder for an outage answer that concerns no reservation."""
+
+    lease: Any = None
 
 
 class SharedScope:
@@ -531,7 +541,7 @@ class SharedBudget:
             return self._outage(reservation, None)
         forecast = reservation.forecast
         holds = [(index, threshold, _amount(forecast[index])) for index, threshold in self.checks]
-        lease_id = f"{self._host}:{_PID[0]}:{next(self._ids)}"
+        lease_id = self._new_id()
         checks = ",".join(f"{index}:{threshold}:{amount}" for index, threshold, amount in holds)
         if self._writer_pid != _PID[0]:
             self._start_writer()
@@ -582,13 +592,14 @@ class SharedBudget:
         """The call never left the process: drop its holds (queued like a settle)."""
         self.settle(lease, (), None)
 
-    def retry(self, lease: tuple, seconds: float) -> Refusal | None:
+    def retry(self, lease: tuple, seconds: float, enforce: bool = True) -> Refusal | None:
         _, start = lease
+        if self._down_until and time.monotonic() < self._down_until:
+            return self._retry_outage(start, seconds, None)
         try:
-            reply = self._run("retry", [start, _amount(seconds), self._check_text])
+            reply = self._run("retry", [start, _amount(seconds), self._check_text, "1" if enforce else "0"])
         except self._outage_error_types as error:
-            self._mark_down(error)
-            return None  # the attempt is already admitted locally; its request settles later
+            return self._retry_outage(start, seconds, error)
         if reply[0] == 1:
             return None
         trip = self._trip(reply[1])
@@ -715,10 +726,11 @@ class SharedBudget:
         if error is not None:
             self._mark_down(error)
         if self.outage == "fail_open":
-            # settled into the budget later, by id: applied once, releasing the late lease if any
-            reservation.lease = (f"#{lease_id}" if lease_id else "#", self._local_window_start())
+            # settled into the budget later, by id: applied once (a reply lost on the way back
+            # does not count it twice), releasing the late lease if the reserve did run
+            reservation.lease = (f"#{lease_id or self._new_id()}", self._local_window_start())
             return None
-        if lease_id:
+        if lease_id:  # a reserve was sent: release whatever it held, once the store answers
             self._owe(f"#{lease_id}", "", ())
         trip = Trip(
             self.scope.name,
@@ -729,6 +741,20 @@ class SharedBudget:
             "while it is down (store_outage='fail_closed')",
         )
         return Refusal(self.scope, trip, False, False)
+
+    def _retry_outage(self, start: str, seconds: float, error: BaseException | None) -> Refusal | None:
+        """A retry the store could not admit: refused under fail_closed; under fail_open it goes,
+        and its request (and the seconds before it) is owed to the budget, applied once."""
+        if error is not None:
+            self._mark_down(error)
+        if self.outage == "fail_open":
+            actual = (0, 1, 0, 0, 0, 0, seconds)
+            self._owe(f"#{self._new_id()}", start, actual)
+            return None
+        return self._outage(_Detached(), None)
+
+    def _new_id(self) -> str:
+        return f"{self._host}:{_PID[0]}:{next(self._ids)}"
 
     def _local_window_start(self) -> str:
         now = int(time.time())
@@ -928,14 +954,18 @@ class SharedStore:
         if lease is not None and not lease[0].startswith("#"):
             self.budget.release(lease)
 
-    def retry(self, reservation, seconds):
-        refusal = self.local.retry(reservation, seconds)
-        if refusal is not None:
+    def retry(self, reservation, seconds, enforce=True):
+        refusal = self.local.retry(reservation, seconds, enforce)
+        if refusal is not None and enforce:
             return refusal
         lease = getattr(reservation, "lease", None)
         if lease is None or lease[0].startswith("#"):
-            return None
-        return self.budget.retry(lease, seconds)
+            return refusal
+        shared = self.budget.retry(lease, seconds, enforce)
+        if shared is not None and enforce:
+            self.local.unretry(reservation)  # counted locally, but not sent after all
+            return shared
+        return refusal or shared
 
     def throttled(self, reservation, limits, retry_after=None):
         return self.local.throttled(reservation, limits, retry_after)

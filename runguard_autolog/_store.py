@@ -211,7 +211,7 @@ class MemoryStore:
                 for index, _ in checks:
                     reserved[index] -= forecast[index]
 
-    def retry(self, reservation, seconds):
+    def retry(self, reservation, seconds, enforce=True):
         with self._lock:
             charges = reservation.charges
             for scope, _ in charges:
@@ -236,10 +236,18 @@ class MemoryStore:
                 else:
                     refusal = Refusal(scope, scope.tripped, True, False)
                 if refusal is not None:
-                    return refusal
-            for scope, _ in charges:
-                scope.used[REQUESTS] += 1
-            return None
+                    break
+            if refusal is None or not enforce:  # shadow mode: a refused attempt goes too, and counts
+                for scope, _ in charges:
+                    scope.used[REQUESTS] += 1
+            return refusal
+
+    def unretry(self, reservation):
+        """Take back the request :meth:`retry` counted for an attempt that was not sent after all
+        (a shared budget refused it)."""
+        with self._lock:
+            for scope, _ in reservation.charges:
+                scope.used[REQUESTS] -= 1
 
     def throttled(self, reservation, limits, retry_after=None):
         trips = []

@@ -92,7 +92,8 @@ class StreamMeter:
             internal_error("stream accounting", error)
 
     def account(self, chunk: Any) -> tuple | None:
-        """Count one chunk; ``(scope, trip)`` when a limit is crossed mid-stream."""
+        """Count one chunk; ``(scope, trip, what a callable on_trip raised or None)`` when the stream
+        must be cut."""
         self.chunks += 1
         if self.broken or self.done:
             return None
@@ -120,9 +121,19 @@ class StreamMeter:
             # what the scope's counter would be if this stream settled now (no lock: a read)
             would_be = scope.used[index] + scope.reserved[index] - forecast[index] + now[index]
             if would_be > threshold:
-                trip = stream_cut(scope.name, index, threshold, would_be, scope.used, call.on_trip == "raise")
-                if call.on_trip == "raise":
-                    return scope, trip
+                policy = call.on_trip
+                if policy == "raise":
+                    return scope, stream_cut(scope.name, index, threshold, would_be, scope.used), None
+                if callable(policy):  # the callable decides: raising cuts the stream, returning lets it go on
+                    try:
+                        policy(
+                            RunGuardTripped.from_trip(
+                                stream_cut(scope.name, index, threshold, would_be, scope.used, False), shadow=True
+                            )
+                        )
+                    except BaseException as raised:
+                        return scope, stream_cut(scope.name, index, threshold, would_be, scope.used), raised
+                trip = stream_cut(scope.name, index, threshold, would_be, scope.used, False)
                 error = RunGuardTripped.from_trip(trip, shadow=True)
                 RUNTIME.events.refused(error, trip, True, call.endpoint.name)
                 log_once(
@@ -166,8 +177,9 @@ class StreamMeter:
 
 
 def _cut(meter: StreamMeter, found: tuple) -> RunGuardTripped:
-    """Settle what arrived, open the circuit, record: the caller then raises the trip."""
-    scope, trip = found
+    """Settle what arrived, open the circuit, record: the caller then raises the trip (or what a
+    callable ``on_trip`` raised)."""
+    scope, trip, _ = found
     call = meter.call
     assert call is not None
     opened = RUNTIME.store.trip(scope, trip)
@@ -217,7 +229,7 @@ class SyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
                 self.__wrapped__.close()
             except Exception as failure:
                 internal_error("closing a stream", failure)
-            raise error
+            raise error if found[2] is None else found[2]
         return chunk
 
     def __enter__(self) -> SyncStreamProxy:
@@ -273,7 +285,7 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
                 await _aclose(self.__wrapped__)
             except Exception as failure:
                 internal_error("closing a stream", failure)
-            raise error
+            raise error if found[2] is None else found[2]
         return chunk
 
     async def __aenter__(self) -> AsyncStreamProxy:
