@@ -233,8 +233,13 @@ class RunGuardMiddleware:
         self._name: Callable[[Environ], str] = name if name is not None else request_name
 
     def _call(self, guard: session, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        """Run in the request's context: enter the session, call the app (leave it if the app raises)."""
         guard.__enter__()
-        return self.app(environ, start_response)
+        try:
+            return self.app(environ, start_response)
+        except BaseException as error:
+            guard.__exit__(type(error), error, error.__traceback__)
+            raise
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         guard = session(self._name(environ), **self._limits)
@@ -243,8 +248,6 @@ class RunGuardMiddleware:
         try:
             result = context.run(self._call, guard, environ, exchange.start_response)
         except Exception as error:
-            if guard.scope is not None:
-                context.run(guard.__exit__, None, None, None)
             trip = tripped_in(error)
             if trip is None or exchange.sent:
                 raise
