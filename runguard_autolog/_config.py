@@ -368,23 +368,8 @@ def parse_integrations(value: Any, where: str = "disabled_integrations") -> froz
 
 
 def known_variables() -> list[str]:
-    """Every ``RUNGUARD_*`` name runguard reads."""
-    names = [
-        *LIMITS,
-        "on_trip",
-        "artifact_breach",
-        "disabled_integrations",
-        "unpriced",
-        "prices",
-        "window",
-        "store",
-        "shared_budget",
-        *SHARED_LIMITS,
-        "shared_window",
-        "store_outage",
-        "shared_lease_s",
-    ]
-    return [*(env_name(name) for name in names), *FLAGS]
+    """Every ``RUNGUARD_*`` name runguard reads: one per setting ``runguard config`` shows, and the flags."""
+    return [*(env_name(name) for name in SHOWN_SETTINGS), *FLAGS]
 
 
 def check_variables(environ: Mapping[str, str]) -> None:
