@@ -140,8 +140,13 @@ def _register_prices(settings: dict) -> None:
         return
     path = os.environ.get("RUNGUARD_PRICES", "")
     try:
-        for model, entry in sorted(table.items(), key=lambda item: "same_as" in item[1]):
-            register_price(model, **entry)
+        waiting = dict(table)
+        while waiting:  # models first, then aliases whose target is priced by now (any key order)
+            ready = [
+                model for model, entry in waiting.items() if "same_as" not in entry or entry["same_as"] not in waiting
+            ]
+            for model in ready or list(waiting)[:1]:  # none ready: a cycle, reported by register_price
+                register_price(model, **waiting.pop(model))
     except RunGuardConfigError as error:
         raise RunGuardConfigError(
             f"runguard: RUNGUARD_PRICES={path!r}: {str(error).removeprefix('runguard: ')}"

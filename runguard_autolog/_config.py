@@ -56,6 +56,7 @@ SHARED_LIMITS: dict[str, tuple[str, float]] = {
 }
 # fixed windows of a shared budget, in seconds (a whole number of seconds is accepted too)
 WINDOWS = {"minute": 60, "hour": 3600, "day": 86400}
+MAX_WINDOW_S = 366 * 86400  # a year: a longer window is no window
 STORE_OUTAGE_CHOICES = ("fail_closed", "fail_open")
 DEFAULT_LEASE_S = 30.0
 _BUDGET_NAME = re.compile(r"[A-Za-z0-9._:/@+=-]{1,200}")
@@ -302,11 +303,11 @@ def parse_window(value: Any, where: str = "shared_window") -> int | None:
             return None
         if text in WINDOWS:
             return WINDOWS[text]
-        if text.isdigit() and int(text) > 0:
+        if text.isascii() and text.isdigit() and 0 < int(text) <= MAX_WINDOW_S:
             return int(text)
-    elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    elif isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_WINDOW_S:
         return value
-    raise _bad(where, value, "use 'minute', 'hour', 'day', a whole number of seconds, or 'none'")
+    raise _bad(where, value, f"use 'minute', 'hour', 'day', a whole number of seconds up to {MAX_WINDOW_S}, or 'none'")
 
 
 def parse_outage(value: Any, where: str = "store_outage") -> str:
@@ -359,6 +360,8 @@ def parse_integrations(value: Any, where: str = "disabled_integrations") -> froz
         names = [part.strip().lower() for part in value]
     else:
         raise _bad(where, value, f"use a list of integration names ({', '.join(INTEGRATION_NAMES)})")
+    if names in (["none"], ["off"]):  # as runguard config shows an empty list
+        names = []
     for name in names:
         if name and name not in INTEGRATION_NAMES:
             close = difflib.get_close_matches(name, INTEGRATION_NAMES, n=1)

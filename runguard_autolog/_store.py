@@ -44,8 +44,8 @@ Amounts travel as tuples in :data:`~runguard_autolog._counters.COUNTERS` order
 A refusal trips a scope (sticky) only when its committed usage has reached the limit: a
 call refused because its own forecast would cross a limit (a huge prompt, a huge
 ``max_tokens``) is refused, and the scope stays open, since nothing was spent.
-``reset`` also drops the holds of calls in flight (a call reserved before a reset settles
-without touching the fresh holds).
+``reset`` (and a window's roll-over) also drops the holds of calls in flight: a call reserved
+before a scope's reset settles without touching that scope's fresh counters or holds.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ class MemoryStore:
             for scope, checks in reservation.charges:
                 used, reserved = scope.used, scope.reserved
                 if stale and scope.epoch > reservation.epoch:
-                    reserved = [0] * len(COUNTERS)  # its holds went with the reset
+                    continue  # reserved before this scope was reset (a new window): not its usage
                 used[0] += actual[0]
                 used[1] += actual[1]
                 used[2] += actual[2]
@@ -270,21 +270,27 @@ class MemoryStore:
 
     def reset(self, scope):
         with self._lock:
-            self._epoch += 1
-            scope.epoch = self._epoch
-            scope.used[:] = [0] * len(COUNTERS)
-            scope.reserved[:] = [0] * len(COUNTERS)
-            scope.throttled = 0
-            scope.tripped = None
-            scope.loops = None  # the loop history goes with the circuit
+            self._reset(scope)
+
+    def _reset(self, scope):
+        """(under the lock) Fresh counters, no holds, closed circuit, no loop history; calls in
+        flight belong to the counters before: they settle without touching these."""
+        self._epoch += 1
+        scope.epoch = self._epoch
+        scope.used[:] = [0] * len(COUNTERS)
+        scope.reserved[:] = [0] * len(COUNTERS)
+        scope.throttled = 0
+        scope.tripped = None
+        scope.loops = None  # the loop history goes with the circuit
 
     def roll(self, scope, now: float, window_end: float) -> None:
-        """A new fixed window: reset the scope (once, however many callers see the boundary)."""
+        """A new fixed window: reset the scope (once, however many callers see the boundary, and
+        in the same locked step, so no call is admitted against the old counters in between)."""
         with self._lock:
             if now < scope.window_end:
                 return
             scope.window_end = window_end
-        self.reset(scope)
+            self._reset(scope)
 
     def trip(self, scope, trip):
         """Open a scope's circuit for a reason found outside the counters (first one wins)."""

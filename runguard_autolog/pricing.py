@@ -82,6 +82,8 @@ RUNTIME.fork_safe(sys.modules[__name__], "_lock", threading.Lock)
 
 _registered: dict[str, Rates] = {}  # model -> prices given by the user
 _aliases: dict[str, str] = {}  # name -> the model whose prices it has (same_as)
+_learned: dict[tuple[str | None, str], str] = {}  # (provider, requested name) -> the model its reply named
+_MAX_ALIASES = 32
 
 
 class _Snapshot:
@@ -152,6 +154,13 @@ def register_price(
             raise RunGuardConfigError(f"runguard: register_price({model!r}): pass prices or same_as=, not both")
         if not isinstance(same_as, str) or same_as == model:
             raise RunGuardConfigError(f"runguard: register_price({model!r}): same_as={same_as!r} is not valid")
+        target, hops = same_as, 0
+        while target in _aliases and hops < _MAX_ALIASES:
+            target, hops = _aliases[target], hops + 1
+            if target == model:
+                raise RunGuardConfigError(
+                    f"runguard: register_price({model!r}): same_as={same_as!r} leads back to {model!r} (an alias cycle)"
+                )
         if _resolve(same_as, None) is None:
             raise RunGuardConfigError(
                 f"runguard: register_price({model!r}): same_as={same_as!r} names a model with no known price "
@@ -182,6 +191,7 @@ def clear_registered() -> None:
     with _lock:
         _registered.clear()
         _aliases.clear()
+        _learned.clear()
     clear_cache()
 
 
@@ -193,6 +203,7 @@ def learn_reply_model(provider: str | None, requested: str, replied: Any) -> Rat
     rates = rates_for(replied, provider)
     if rates is not None:
         with _lock:
+            _learned[(provider, requested)] = replied  # kept when the cache is dropped
             table_for(provider)[requested] = rates
     return rates
 
@@ -231,8 +242,8 @@ def _resolve(model: str, provider: str | None, depth: int = 0) -> Rates | None:
     """Registered prices, then an alias's target, then genai-prices."""
     if model in _registered:
         return _registered[model]
-    target = _aliases.get(model)
-    if target is not None and depth < 8:
+    target = _aliases.get(model) or _learned.get((provider, model))
+    if target is not None and depth < _MAX_ALIASES:
         return _resolve(target, provider, depth + 1)
     return _lookup(model, provider)
 

@@ -161,3 +161,9 @@ def test_an_unknown_integration_name_is_a_config_error(monkeypatch, value):
         runguard.autolog()
     with pytest.raises(runguard.RunGuardConfigError, match="not an integration"):
         runguard.autolog(disabled_integrations=[value.split(",")[-1]])
+
+
+def test_disabled_integrations_none_means_none(monkeypatch):
+    monkeypatch.setenv("RUNGUARD_DISABLED_INTEGRATIONS", "none")
+    runguard.autolog()
+    assert "openai._base_client" in _installed_modules() or "openai" not in __import__("sys").modules

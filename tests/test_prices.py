@@ -142,3 +142,35 @@ def test_a_new_genai_prices_snapshot_is_picked_up(client, server):
     finally:
         data_snapshot.set_custom_snapshot(None)
     assert runguard.current().cost_usd - before == pytest.approx(10.0, rel=1e-3)
+
+
+def test_an_alias_cycle_is_refused():
+    runguard.register_price("b-model", input_usd_per_mtok=1.0, output_usd_per_mtok=2.0)
+    runguard.register_price("a-model", same_as="b-model")
+    with pytest.raises(runguard.RunGuardConfigError, match="alias cycle"):
+        runguard.register_price("b-model", same_as="a-model")
+    from runguard_autolog.pricing import rates_for
+
+    assert rates_for("a-model") is not None and rates_for("b-model") is not None
+
+
+def test_a_prices_file_may_alias_an_alias_in_any_order(tmp_path, monkeypatch, client, server):
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"eu-prod": {"same_as": "my-ft"}, "my-ft": {"same_as": "gpt-4o"}}))
+    monkeypatch.setenv("RUNGUARD_PRICES", str(prices))
+    runguard.autolog(max_calls=5)
+    from runguard_autolog.pricing import rates_for
+
+    assert rates_for("eu-prod").flat == rates_for("gpt-4o").flat
+
+
+def test_a_learned_deployment_price_survives_a_cache_refresh(server):
+    server.default = Reply(model="gpt-4o-2024-08-06", prompt_tokens=1000, content="x")
+    azure = openai.AzureOpenAI(azure_endpoint=server.base_url.removesuffix("/v1"), api_key="t",
+                               api_version="2024-10-21", max_retries=0)
+    runguard.autolog(max_cost_usd=1.0, max_calls="none")  # allow: the first call of other-dep is learned
+    azure.chat.completions.create(model="other-dep", messages=MESSAGES)
+    runguard.register_price("unrelated-model", input_usd_per_mtok=1.0, output_usd_per_mtok=1.0)  # drops the cache
+    runguard.autolog(max_cost_usd=1.0, max_calls="none", unpriced="refuse")
+    azure.chat.completions.create(model="other-dep", messages=MESSAGES)  # still priced: not refused
+    assert server.count() == 2

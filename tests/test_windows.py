@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import mlflow
+from runguard_autolog.testing import Reply
 import pytest
 
 import runguard_autolog as runguard
@@ -87,3 +88,81 @@ def test_window_from_the_environment_and_bad_values(monkeypatch):
         runguard.autolog(window="fortnight")
     with pytest.raises(runguard.RunGuardConfigError, match="window='fortnight'"):
         runguard.session("s", window="fortnight")
+
+
+def test_calls_in_flight_at_a_boundary_belong_to_the_window_they_started_in(server):
+    import threading
+
+    import openai
+
+    client = openai.OpenAI(base_url=server.base_url, api_key="t", max_retries=0)
+    runguard.autolog(max_calls=2, window=2)
+    chat(client)  # opens the window
+    end = time.time() + _until_boundary()
+    server.default = Reply(delay=1.2)
+    time.sleep(max(0.0, end - time.time() - 0.6))  # late in the window
+    slow = [threading.Thread(target=chat, args=(client,)) for _ in range(1)]
+    for thread in slow:
+        thread.start()
+    time.sleep(0.9)  # the boundary passes while the call is in flight
+    server.default = Reply()
+    chat(client)
+    chat(client)  # the new window's own two calls
+    for thread in slow:
+        thread.join()
+    assert runguard.current().calls == 2
+    assert runguard.current().tripped is not None and runguard.current().tripped.observed == 2
+
+
+def _until_boundary() -> float:
+    from runguard_autolog import _scopes
+
+    return _scopes.PROCESS.window_end - time.time()
+
+
+def test_a_huge_window_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("RUNGUARD_WINDOW", "1" + "0" * 400)
+    with pytest.raises(runguard.RunGuardConfigError, match="RUNGUARD_WINDOW"):
+        runguard.autolog()
+    monkeypatch.delenv("RUNGUARD_WINDOW")
+    with pytest.raises(runguard.RunGuardConfigError, match="window="):
+        runguard.autolog(window=10**400)
+    with pytest.raises(runguard.RunGuardConfigError, match="window="):
+        runguard.session("s", window=10**12)
+
+
+def test_many_threads_at_a_boundary_never_exceed_the_ceiling_per_window(server):
+    import sys
+    import threading
+
+    import openai
+
+    client = openai.OpenAI(base_url=server.base_url, api_key="t", max_retries=0)
+    runguard.autolog(max_calls=10, window=1)
+    admitted: list[float] = []
+    lock = threading.Lock()
+    started = time.time()
+    deadline = started + 2.5
+
+    def worker():
+        while time.time() < deadline:
+            try:
+                chat(client)
+                with lock:
+                    admitted.append(time.time())
+            except runguard.RunGuardTripped:
+                time.sleep(0.005)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    windows = {int(moment) for moment in admitted} | {int(started)}
+    assert len(admitted) <= 10 * (max(windows) - min(windows) + 1)  # never more than 10 per window
+    assert server.count() == len(admitted)
