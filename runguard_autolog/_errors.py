@@ -118,5 +118,33 @@ class RunGuardConfigError(ValueError):
     """A limit or option has a value runguard cannot use; the message names it and the value."""
 
 
+_MAX_CHAIN = 64  # exceptions examined along __cause__ / __context__ / groups: a bound, not a search
+
+
+def tripped_in(error: BaseException) -> RunGuardTripped | None:
+    """The :class:`RunGuardTripped` behind ``error``: itself, else the first one along its
+    ``__cause__`` / ``__context__`` chain (a framework may wrap it; a context suppressed with
+    ``raise ... from None`` is not followed) or inside an exception group. None: not a trip."""
+    pending: list[BaseException] = [error]
+    seen: set[int] = set()
+    while pending and len(seen) < _MAX_CHAIN:
+        exc = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, RunGuardTripped):
+            return exc
+        linked: list[BaseException] = []
+        grouped = getattr(exc, "exceptions", None)  # BaseExceptionGroup (or its 3.10 backport)
+        if isinstance(grouped, tuple):
+            linked.extend(e for e in grouped if isinstance(e, BaseException))
+        if exc.__cause__ is not None:
+            linked.append(exc.__cause__)
+        if exc.__context__ is not None and not exc.__suppress_context__:
+            linked.append(exc.__context__)
+        pending.extend(reversed(linked))  # depth first, in the order above
+    return None
+
+
 for _cls in (RunGuardTripped, RunGuardConfigError):
     _cls.__module__ = "runguard_autolog"

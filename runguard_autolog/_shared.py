@@ -380,12 +380,6 @@ class _ThreadConnection(threading.local):
     pid: int | None = None
 
 
-class _Detached:
-    """A reservation-shaped holder for an outage answer that concerns no reservation."""
-
-    lease: Any = None
-
-
 class SharedScope:
     """What a shared budget's trips and records name (``shared:<name>``)."""
 
@@ -732,6 +726,10 @@ class SharedBudget:
             return None
         if lease_id:  # a reserve was sent: release whatever it held, once the store answers
             self._owe(f"#{lease_id}", "", ())
+        return self._closed()
+
+    def _closed(self) -> Refusal:
+        """The refusal of a call (or a retry) while the store cannot be reached (fail_closed)."""
         trip = Trip(
             self.scope.name,
             "store_outage",
@@ -751,7 +749,7 @@ class SharedBudget:
             actual = (0, 1, 0, 0, 0, 0, seconds)
             self._owe(f"#{self._new_id()}", start, actual)
             return None
-        return self._outage(_Detached(), None)
+        return self._closed()
 
     def _new_id(self) -> str:
         return f"{self._host}:{_PID[0]}:{next(self._ids)}"

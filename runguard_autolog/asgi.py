@@ -44,7 +44,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from . import RunGuardTripped, session
-from .wsgi import check_options, rejection, tripped_in
+from ._errors import tripped_in
+from ._web import check_options, rejection
 
 __all__ = ["RunGuardMiddleware"]
 

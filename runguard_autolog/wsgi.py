@@ -47,13 +47,13 @@ streamed body is iterated always escape (the framework is no longer on the stack
 from __future__ import annotations
 
 import contextvars
-import json
-import math
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
-from . import RunGuardConfigError, RunGuardTripped, session
+from . import RunGuardTripped, session
+from ._errors import tripped_in
+from ._web import check_options, rejection
 
 __all__ = ["RunGuardMiddleware"]
 
@@ -63,63 +63,6 @@ StartResponse = Callable[..., Callable[[bytes], object]]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 _STATUS_LINE = "429 Too Many Requests"
-_MAX_CHAIN = 64  # exceptions examined along __cause__ / __context__ / groups: a bound, not a search
-
-
-# -- shared with runguard_autolog.asgi: finding the trip and the 429 it becomes --------------------
-def tripped_in(error: BaseException) -> RunGuardTripped | None:
-    """The :class:`RunGuardTripped` behind ``error``: itself, else the first one along its
-    ``__cause__`` / ``__context__`` chain (a framework may wrap it; a context suppressed with
-    ``raise ... from None`` is not followed) or inside an exception group. None: not a trip."""
-    pending: list[BaseException] = [error]
-    seen: set[int] = set()
-    while pending and len(seen) < _MAX_CHAIN:
-        exc = pending.pop()
-        if id(exc) in seen:
-            continue
-        seen.add(id(exc))
-        if isinstance(exc, RunGuardTripped):
-            return exc
-        linked: list[BaseException] = []
-        grouped = getattr(exc, "exceptions", None)  # BaseExceptionGroup (or its 3.10 backport)
-        if isinstance(grouped, tuple):
-            linked.extend(e for e in grouped if isinstance(e, BaseException))
-        if exc.__cause__ is not None:
-            linked.append(exc.__cause__)
-        if exc.__context__ is not None and not exc.__suppress_context__:
-            linked.append(exc.__context__)
-        pending.extend(reversed(linked))  # depth first, in the order above
-    return None
-
-
-def retry_after(trip: RunGuardTripped) -> int | None:
-    """``details["retry_after"]`` (seconds, a number) as the whole seconds of a ``Retry-After``
-    header, rounded up; None when the trip carries none (or nothing usable)."""
-    details = getattr(trip, "details", None)
-    value = details.get("retry_after") if isinstance(details, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if not math.isfinite(value) or value < 0:
-        return None
-    return math.ceil(value)
-
-
-def rejection(trip: RunGuardTripped) -> tuple[int, list[tuple[str, str]], bytes]:
-    """The 429 a trip becomes: (status, headers, body)."""
-    payload = {"error": {"type": "runguard_tripped", "limit": trip.limit, "scope": trip.scope, "reason": trip.reason}}
-    body = json.dumps(payload, default=str).encode("ascii")  # ensure_ascii: any path in the scope is safe
-    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-    seconds = retry_after(trip)
-    if seconds is not None:
-        headers.append(("Retry-After", str(seconds)))
-    return 429, headers, body
-
-
-def check_options(limits: dict[str, Any], name: object) -> None:
-    """Validate the middleware's keywords now, as ``runguard.session()`` would on every request."""
-    session(None, **limits)  # builds, never enters: raises RunGuardConfigError on a bad limit
-    if name is not None and not callable(name):
-        raise RunGuardConfigError(f"runguard: name must be a callable returning the session name, not {name!r}")
 
 
 # -- the WSGI middleware ------------------------------------------------------------------------------

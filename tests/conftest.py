@@ -13,13 +13,13 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 os.environ["_RUNGUARD_STRICT"] = "1"
 
-import httpx  # noqa: E402
-import openai  # noqa: E402
-import pytest  # noqa: E402
+import httpx
+import openai
+import pytest
 
-import runguard_autolog as runguard  # noqa: E402
-from runguard_autolog import _recording, _runtime  # noqa: E402
-from runguard_autolog.testing import FakeOpenAIServer  # noqa: E402
+import runguard_autolog as runguard
+from runguard_autolog import _recording, _runtime
+from runguard_autolog.testing import FakeOpenAIServer
 
 MODEL = "gpt-4o-mini"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello"}]
@@ -85,6 +85,21 @@ def clean_breaker(monkeypatch):
     except Exception:
         pass
     _clean()
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of this test's own (Debian's package), which it may stop, freeze, pause or
+    put to sleep (DEBUG SLEEP is enabled from 127.0.0.1)."""
+    import shutil
+
+    from ._servers import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    redis_server = RedisServer(tmp_path, None, "--enable-debug-command", "local").start()
+    yield redis_server
+    redis_server.stop()
 
 
 def chat(client, **kwargs):

@@ -21,7 +21,6 @@ import runguard_autolog as runguard
 from runguard_autolog import _runtime
 from runguard_autolog.testing import Reply
 
-from ._servers import RedisServer
 from .conftest import MESSAGES, MODEL, chat
 
 
@@ -126,15 +125,6 @@ def test_an_async_guarded_call_running_sync_sdk_code_in_a_thread_counts_every_at
         asyncio.run(SyncOnly().ainvoke("hi"))
     assert server.count() == 2
     assert runguard.current().requests == 2
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
-    redis_server = RedisServer(tmp_path).start()
-    yield redis_server
-    redis_server.stop()
 
 
 def test_a_retry_the_shared_budget_refuses_is_not_counted_locally(server, private_redis):

@@ -49,16 +49,6 @@ def redis_url(tmp_path_factory):
 
 
 @pytest.fixture
-def private_redis(tmp_path):
-    """A Redis of this test's own, which it may stop or freeze."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def name():
     return f"job-{uuid.uuid4().hex[:10]}"
 

@@ -7,7 +7,6 @@ processes of the tests' own."""
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -17,7 +16,6 @@ import redis
 
 import runguard_autolog as runguard
 from runguard_autolog import _runtime
-from runguard_autolog.testing import Reply
 
 from ._servers import RedisServer
 from .conftest import chat
@@ -28,15 +26,6 @@ def lenient():
     _runtime.set_strict(False)
     yield
     _runtime.set_strict(True)
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
-    server = RedisServer(tmp_path, None, "--enable-debug-command", "local").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

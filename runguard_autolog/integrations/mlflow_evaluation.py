@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import tokens
-from .._errors import RunGuardTripped
+from .._errors import tripped_in
 from .._evaluation import guard_genai_evaluate, guard_legacy_evaluate
 from .._patching import PatchSpec
 from .mlflow_deployments import URLLIB3_ATTEMPTS, DeploymentsEndpoint
@@ -62,12 +62,8 @@ def _trip_is_not_a_rate_limit(wrapped, instance, args, kwargs):
     matches "429" in the message, which a ``max_consecutive_429s`` trip carries), sleeping
     1 + 2 + 4 s first. A refusal does not pass by waiting."""
     error = args[0] if args else kwargs.get("exc")
-    seen = 0
-    while error is not None and seen < 32:  # MLflow's judge adapters wrap it: ``raise ... from e``
-        if isinstance(error, RunGuardTripped):
-            return False
-        error = error.__cause__ or error.__context__
-        seen += 1
+    if isinstance(error, BaseException) and tripped_in(error) is not None:  # MLflow's adapters wrap it
+        return False
     return wrapped(*args, **kwargs)
 
 
