@@ -30,7 +30,7 @@ from ._errors import RunGuardConfigError, RunGuardTripped
 from ._evaluation import guarded_evaluate
 from ._runtime import RUNTIME, logger
 from ._scopes import Snapshot, current, reset, session
-from ._shared import SharedSnapshot, budget_from, use_shared
+from ._shared import SharedSnapshot, flush_all, use_shared
 from .pricing import register_price
 from .tokens import register_encoding
 
@@ -126,9 +126,8 @@ def autolog(
             return
         settings = resolve(keywords)  # raises before anything changes
         _register_prices(settings)
-        budget = budget_from(settings)
         RUNTIME.configure(settings)
-        use_shared(budget)
+        use_shared(settings)
         RUNTIME.enabled = True
         _patching.install_all()
 
@@ -163,17 +162,20 @@ RUNTIME.switch = _switch
 
 
 def _budget_named(name: str | None, store: str | None):
-    """The configured shared budget when it matches, else a client for ``name`` on ``store``
-    (else ``RUNGUARD_STORE``)."""
+    """The configured shared budget when it matches, else the budget ``name`` on ``store`` (else
+    autolog()'s store, else ``RUNGUARD_STORE``); and the client to close after, if one was opened."""
     from ._config import parse_budget_name, parse_store
-    from ._shared import SharedBudget
+    from ._shared import SharedClient
 
     configured = getattr(RUNTIME.store, "budget", None)
     if configured is not None and name in (None, configured.name) and store in (None, configured.url):
-        return configured, False
+        return configured, None
     if name is None:
         raise RunGuardConfigError("runguard: no shared budget is configured here; pass its name")
     name = parse_budget_name(name, "name")
+    client = getattr(RUNTIME.store, "client", None)
+    if store is None and client is not None:
+        return client.budget(str(name), {}), None
     if store is None:
         if "RUNGUARD_STORE" not in os.environ:
             raise RunGuardConfigError(
@@ -184,7 +186,10 @@ def _budget_named(name: str | None, store: str | None):
         store = parse_store(store)
     if store == "memory":
         raise RunGuardConfigError("runguard: shared budgets live in Redis; store='memory' holds none")
-    return SharedBudget(str(name), store, {}), True
+    if client is not None and client.url == store:
+        return client.budget(str(name), {}), None
+    temporary = SharedClient(str(store))
+    return temporary.budget(str(name), {}), temporary
 
 
 def reset_shared(name: str | None = None, store: str | None = None) -> None:
@@ -196,26 +201,27 @@ def reset_shared(name: str | None = None, store: str | None = None) -> None:
     try:
         budget.reset()
     finally:
-        if temporary:
-            budget.close()
+        if temporary is not None:
+            temporary.close()
 
 
 def current_shared(name: str | None = None, store: str | None = None) -> SharedSnapshot:
-    """The shared budget's counters in its current window (one round trip to the store)."""
+    """The shared budget's counters in its current window (one round trip to the store). A
+    budget this process does not configure itself (a tenant's, say) is read in its latest window."""
     budget, temporary = _budget_named(name, store)
     try:
         budget.flush()  # this process's own settles first
-        return SharedSnapshot(budget, window_known=not temporary)
+        known = temporary is None and budget is getattr(RUNTIME.store, "budget", None)
+        return SharedSnapshot(budget, window_known=known)
     finally:
-        if temporary:
-            budget.close()
+        if temporary is not None:
+            temporary.close()
 
 
 def flush(timeout: float = 10.0) -> bool:
     """Wait up to ``timeout`` seconds for runguard's background writes: settles on the shared
     budget, then tags and metrics on MLflow runs. True when everything was written."""
-    budget = getattr(RUNTIME.store, "budget", None)
-    shared = budget.flush(timeout) if budget is not None else True
+    shared = flush_all(timeout)
     return _recording.flush(timeout) and shared
 
 

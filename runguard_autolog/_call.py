@@ -228,9 +228,13 @@ def admit(endpoint: Endpoint, request: Any) -> Call:
 
 
 def _cost_limited(charges: list) -> bool:
-    """Whether a cost limit applies to this call (in a scope, or in the shared budget)."""
-    if any(index == COST for _, checks in charges for index, _ in checks):
-        return True
+    """Whether a cost limit applies to this call (in a scope, or in a shared budget)."""
+    for scope, checks in charges:
+        if any(index == COST for index, _ in checks):
+            return True
+        shared = scope.shared  # a session's own shared budget (one per tenant, say)
+        if shared is not None and shared.limits["shared_max_cost_usd"] != float("inf"):
+            return True
     budget = getattr(RUNTIME.store, "budget", None)
     return budget is not None and any(index == COST for index, _ in budget.checks)
 

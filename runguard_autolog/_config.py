@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from ._errors import RunGuardConfigError
@@ -444,6 +444,36 @@ def _resolve_shared(keywords, environ, settings: dict[str, Setting]) -> None:
             f"runguard: {where}={budget.value!r} needs a shared store: set store='redis://host:6379/0' "
             "(RUNGUARD_STORE); the in-memory store cannot be seen by other processes"
         )
+
+
+class SharedSpec(NamedTuple):
+    """A shared budget a session charges: its name, its own ``shared_max_*`` limits, its window."""
+
+    name: str
+    limits: dict[str, float]
+    window: int | None
+
+
+def session_shared(keywords: dict[str, Any]) -> SharedSpec | None:
+    """Take a session's ``shared_budget``, ``shared_window`` and ``shared_max_*`` keywords out of
+    ``keywords`` and validate them: the budget this session charges beside the process-wide one."""
+    name = parse_budget_name(keywords.pop("shared_budget", None))
+    window = parse_window(keywords.pop("shared_window", None))
+    limits = {
+        limit: parse_keyword(limit, keywords.pop(limit))
+        for limit in SHARED_LIMITS
+        if limit in keywords and keywords[limit] is not None
+    }
+    for limit in SHARED_LIMITS:
+        keywords.pop(limit, None)
+    if name is None:
+        if limits or window is not None:
+            given = next(iter(limits), "shared_window")
+            raise RunGuardConfigError(
+                f"runguard: {given} is set but no shared budget is named: pass shared_budget='<name>'"
+            )
+        return None
+    return SharedSpec(name, {limit: limits.get(limit, INF) for limit in SHARED_LIMITS}, window)
 
 
 def explicit_limits(keywords: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,9 +16,9 @@ import sys
 import time
 from typing import Any
 
-from ._config import LIMITS, explicit_limits, parse_window
+from ._config import LIMITS, SharedSpec, explicit_limits, parse_window, session_shared
 from ._counters import COUNTER_OF_LIMIT, COUNTERS, CounterView
-from ._errors import RunGuardTripped
+from ._errors import RunGuardConfigError, RunGuardTripped
 from ._runtime import RUNTIME
 
 _INF = float("inf")
@@ -45,6 +45,8 @@ class Scope:
         "own",
         "own_checks",
         "reserved",
+        "shared",
+        "shared_budget",
         "throttled",
         "tripped",
         "used",
@@ -71,6 +73,8 @@ class Scope:
         self.loops = None  # _loops.LoopWatch, created when the first tool call or request is watched
         self.epoch = 0  # the store's reset count when this scope was last reset
         self._effective: tuple[int, Any, Any] = (-1, None, None)
+        self.shared: SharedSpec | None = None  # a shared budget this session charges too (see _shared)
+        self.shared_budget: Any = None  # that budget as the store resolved it, kept for later calls
 
     def effective(self) -> tuple[dict[str, Any], tuple]:
         """Limits when this scope is the innermost unit of work: autolog's, overridden by its own."""
@@ -265,18 +269,30 @@ class session:
     nest, and asyncio tasks started inside inherit the session (contextvars). A thread
     pool does not inherit context: submit ``contextvars.copy_context().run`` (see README).
     Each entry (and each call of a decorated function) starts fresh counters.
+
+    ``shared_budget="tenant:acme"`` (with ``shared_max_*`` limits and ``shared_window``) makes
+    every call in the session also charge that shared budget, beside the process-wide one: a
+    budget named at run time, e.g. one per tenant. It needs a shared store (``autolog(store=…)``).
     """
 
     def __init__(self, name: str | None = None, *, window: str | int | None = None, **limits: Any) -> None:
         self.name = name
         self.window = parse_window(window, "window")
+        self._keywords = dict(limits)
+        self.shared = session_shared(limits)
         self.limits = explicit_limits(limits)
         self.scope: Scope | None = None  # the last one entered (one object may be entered by many tasks)
 
     def _enter(self) -> session:
+        if self.shared is not None and RUNTIME.enabled and not hasattr(RUNTIME.store, "client"):
+            raise RunGuardConfigError(
+                f"runguard: session(shared_budget={self.shared.name!r}) needs a shared store: "
+                "runguard.autolog(store='redis://host:6379/0') or RUNGUARD_STORE"
+            )
         name = self.name if self.name is not None else f"anonymous-{next(_anonymous)}"
         scope = self.scope = Scope(f"session:{name}", self.limits, window=self.window)
         scope.owner = self
+        scope.shared = self.shared
         _SESSIONS.set((*_SESSIONS.get(), scope))
         return self
 
@@ -307,20 +323,20 @@ class session:
         return Snapshot(self.scope)
 
     def __call__(self, func):
-        name, limits, window = self.name or func.__qualname__, self.limits, self.window
+        name, keywords, window = self.name or func.__qualname__, self._keywords, self.window
 
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def run_async(*args, **kwargs):
-                async with session(name, window=window, **limits):
+                async with session(name, window=window, **keywords):
                     return await func(*args, **kwargs)
 
             return run_async
 
         @functools.wraps(func)
         def run(*args, **kwargs):
-            with session(name, window=window, **limits):
+            with session(name, window=window, **keywords):
                 return func(*args, **kwargs)
 
         return run

@@ -39,7 +39,6 @@ braces keep one budget's keys in one Redis Cluster slot.
 from __future__ import annotations
 
 import atexit
-import collections
 import itertools
 import json
 import os
@@ -47,10 +46,11 @@ import re
 import socket
 import threading
 import time
-from typing import Any
+import weakref
+from typing import Any, NamedTuple
 
 from ._config import INF, SHARED_LIMITS, redact
-from ._counters import COUNTER_OF_LIMIT, COUNTERS, LIMIT_OF_COUNTER, CounterView, Trip, make_trip
+from ._counters import COUNTER_OF_LIMIT, COUNTERS, LIMIT_OF_COUNTER, REQUESTS, SECONDS, CounterView, Trip, make_trip
 from ._errors import RunGuardConfigError, RunGuardTripped
 from ._runtime import RUNTIME, log_once, logger
 from ._store import Refusal
@@ -373,6 +373,7 @@ def _amount(value: float) -> str:
 
 _PID = [os.getpid()]  # this process's id, kept without a system call per call
 os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+CARRY_MOST = 64  # settles one reserve carries
 
 
 class _ThreadConnection(threading.local):
@@ -383,14 +384,23 @@ class _ThreadConnection(threading.local):
 class SharedScope:
     """What a shared budget's trips and records name (``shared:<name>``)."""
 
-    __slots__ = ("budget", "name")
+    __slots__ = ("name",)
 
-    def __init__(self, budget: SharedBudget) -> None:
-        self.name = f"shared:{budget.name}"
-        self.budget = budget
+    def __init__(self, budget_name: str) -> None:
+        self.name = f"shared:{budget_name}"
 
     def __repr__(self) -> str:
         return f"<runguard scope {self.name}>"
+
+
+class Lease(NamedTuple):
+    """What one call holds in one shared budget: ``member`` is the lease as the store keeps it
+    ("<id>|<window start>|<index>=<amount>|..."), or "#<id>" for a call admitted while the store
+    did not answer (fail_open), settled by id once it does."""
+
+    budget: SharedBudget
+    member: str
+    start: str
 
 
 def connect(url: str):
@@ -427,44 +437,25 @@ def _outage_errors() -> tuple:
     return (redis.exceptions.RedisError, OSError)
 
 
-class SharedBudget:
-    """One named budget in Redis: reserve/settle/release/retry for the calls of this process.
+class SharedClient:
+    """One store's connection state, shared by every budget on it: the Redis client and its
+    scripts, one connection per thread for reserves, one writer thread, the queues of settles
+    and leases, and whether the store is down. A process keeps one per store URL, however many
+    budgets it charges (one per tenant, say): a budget itself is a few strings.
 
-    NB: a call waits for one round trip, its reserve. Its settle is queued and carried by the
-    next reserve of this process (the same script applies it first), or, when no call follows
-    within ``SETTLE_DELAY_S``, sent by the writer thread, pipelined with others. Until a settle
-    lands the call's hold stays reserved, so a late settle can only make the budget refuse
-    sooner, never overshoot.
+    NB: a call waits for one round trip per budget, its reserve. Its settle is queued and carried
+    by the next reserve of that budget in this process (the same script applies it first), or,
+    when none follows within ``SETTLE_DELAY_S``, sent by the writer thread, pipelined with the
+    others. Until a settle lands the call's hold stays reserved, so a late settle can only make
+    the budget refuse sooner, never overshoot.
     """
 
-    def __init__(
-        self,
-        name: str,
-        url: str,
-        limits: dict[str, float],
-        window: int | None = None,
-        outage: str = "fail_closed",
-        lease_s: float = 30.0,
-    ) -> None:
-        self.name = name
+    def __init__(self, url: str, lease_s: float = 30.0) -> None:
         self.url = url
         self.shown_url = redact(url)
-        self.scope = SharedScope(self)
-        self.limits = dict(limits)
-        self.checks = tuple(
-            (COUNTER_OF_LIMIT[limit[len("shared_") :]], _amount(value))
-            for limit, value in limits.items()
-            if value != INF
-        )
-        self._check_text = ",".join(f"{index}:{threshold}" for index, threshold in self.checks)
-        self.window = window or 0
-        self.outage = outage
         self.lease_s = lease_s
         self._client = connect(url)
         self._outage_error_types = _outage_errors()
-        self._prefix = prefix = f"runguard:{{{name}}}"
-        self._keys = [f"{prefix}:leases", f"{prefix}:ids", f"{prefix}:settled"]
-        self._head = [f"{prefix}|{self.window}|{int(lease_s * 1000)}"]
         self._scripts = {
             name: self._client.register_script(source)
             for name, source in (
@@ -483,17 +474,20 @@ class SharedBudget:
         self._host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64]
         self._down_until = 0.0
         self._lock = threading.Lock()
-        self._live: dict[str, None] = {}  # leases of calls running here (renewed by the writer)
-        self._pending: collections.deque = collections.deque()  # settles not yet sent: (lease, actual, where)
-        self._sending = 0  # settles taken from _pending whose reply has not arrived
         self._sent = threading.Condition(self._lock)
-        RUNTIME.at_fork(self, "_after_fork")
-        self._unsettled: list[tuple[str, str, tuple]] = []  # settles the store did not receive
+        # budgets by configuration; a budget lives while a scope, a queued settle or a lease needs it
+        self._budgets: weakref.WeakValueDictionary[tuple, SharedBudget] = weakref.WeakValueDictionary()
+        self._live: dict[str, SharedBudget] = {}  # leases of calls running here (renewed by the writer)
+        self._pending: dict[SharedBudget, list] = {}  # settles not yet sent, per budget: (lease, actual, where)
+        self._sending = 0  # settles taken from _pending whose reply has not arrived
+        self._unsettled: list[tuple[Lease, tuple]] = []  # settles the store did not receive
+        self._overflow: dict[tuple[SharedBudget, str], tuple] = {}  # usage owed past MAX_UNSETTLED
         self._reconcile_due = False
         self._wake = threading.Event()
         self._writer_parked = True  # waiting for work (woken by a settle), not polling
         self._stopping = False
         self._writer_pid: int | None = None
+        RUNTIME.at_fork(self, "_after_fork")
 
     def _after_fork(self) -> None:
         """A forked child gets fresh locks (another thread may hold the parent's), and none of
@@ -501,19 +495,30 @@ class SharedBudget:
         self._lock = threading.Lock()
         self._sent = threading.Condition(self._lock)
 
-    # -- store calls ---------------------------------------------------------------------
-    def _run(self, script: str, args: list) -> Any:
-        return self._scripts[script](keys=self._keys, args=self._head + args)
+    def budget(
+        self, name: str, limits: dict[str, float], window: int | None = None, outage: str = "fail_closed"
+    ) -> SharedBudget:
+        """The budget ``name`` with these limits, window and outage policy (one object while in use)."""
+        key = (name, tuple(sorted(limits.items())), window or 0, outage)
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = self._budgets[key] = SharedBudget(self, name, limits, window, outage)
+        return budget
 
-    def _reserve(self, args: list) -> Any:
-        """The reserve script: the one round trip a call waits for. It goes over a connection this
+    # -- store calls ---------------------------------------------------------------------
+    def run(self, budget: SharedBudget, script: str, args: list) -> Any:
+        return self._scripts[script](keys=budget.keys, args=[budget.head, *args])
+
+    def reserve(self, budget: SharedBudget, args: list) -> Any:
+        """The reserve script: the round trip a call waits for. It goes over a connection this
         thread keeps (outside the pool, past redis-py's per-command machinery: ~30 us less here)."""
         mine = self._connection
         conn = mine.conn
         if conn is None or mine.pid != _PID[0]:
             conn = mine.conn = self._client.connection_pool.make_connection()
             mine.pid = _PID[0]
-        command = conn.pack_command("EVALSHA", self._reserve_sha, len(self._keys), *self._keys, self._head[0], *args)
+        keys = budget.keys
+        command = conn.pack_command("EVALSHA", self._reserve_sha, len(keys), *keys, budget.head, *args)
         try:
             try:
                 conn.send_packed_command(command, check_health=False)
@@ -523,176 +528,89 @@ class SharedBudget:
                 conn.send_packed_command(command, check_health=False)
                 return conn.read_response()
         except self._no_script:  # the store restarted (or never saw it): load it, once more
-            return self._run("reserve", args)
+            return self.run(budget, "reserve", args)
         except BaseException:
             conn.disconnect()  # a reply may still be on its way: never reuse this connection as is
             raise
 
-    def reserve(self, reservation, enforce: bool) -> Refusal | None:
-        """Hold this call's forecast in the budget, or say why it is refused."""
-        reservation.lease = None
-        if self._down_until and time.monotonic() < self._down_until:
-            return self._outage(reservation, None)
-        forecast = reservation.forecast
-        holds = [(index, threshold, _amount(forecast[index])) for index, threshold in self.checks]
-        lease_id = self._new_id()
-        checks = ",".join(f"{index}:{threshold}:{amount}" for index, threshold, amount in holds)
-        if self._writer_pid != _PID[0]:
-            self._start_writer()
-        carried = self._take_pending(64) if self._pending else ()
-        try:
-            reply = self._reserve(
-                [
-                    lease_id,
-                    "1" if enforce else "0",
-                    checks,
-                    ";".join(f"{m}~{s}~{_usage(a)}" for (m, s), a, _ in carried),
-                ]
-            )
-        except self._outage_error_types as error:
-            self._owe_all(carried)
-            return self._outage(reservation, error, lease_id)
-        finally:
-            if carried:
-                self._done_sending(len(carried))
-        if self._down_until:
-            self._back_up()
-        if type(reply) is int:  # admitted: the lease is what the script recorded
-            start = str(reply)
-            member = f"{lease_id}|{start}" + "".join(f"|{index}={amount}" for index, _, amount in holds)
-            status = 1
-        else:
-            status, start, member, trip, sticky, opened = reply
-            start, member = start.decode(), member and member.decode()
-        if member:
-            reservation.lease = (member, start)
-            self._live[member] = None  # renewed by the writer while the call runs
-        if status == 1:
-            return None
-        if status == 0:
-            return Refusal(self.scope, self._trip(trip), True, bool(opened))
-        return Refusal(self.scope, self._trip(trip), bool(sticky), bool(sticky))
+    def new_id(self) -> str:
+        return f"{self._host}:{_PID[0]}:{next(self._ids)}"
 
-    def settle(self, lease: tuple, actual: tuple, where: Any = None) -> None:
-        """Drop the lease's holds and charge what the call used (queued: see the class note; a
-        trip it opens is recorded on the MLflow run ``where`` names)."""
-        self._live.pop(lease[0], None)
-        self._pending.append((lease, tuple(actual), where))
+    # -- settles in flight -------------------------------------------------------------------
+    def queue(self, lease: Lease, actual: tuple, where: Any = None) -> None:
+        """Queue a settle (``actual`` empty: a release) for the next reserve or the writer."""
+        self._live.pop(lease.member, None)
+        entry = (lease, actual, where)
+        with self._lock:
+            queued = self._pending.get(lease.budget)
+            if queued is None:
+                self._pending[lease.budget] = [entry]
+            else:
+                queued.append(entry)
         if self._writer_parked or self._writer_pid != _PID[0]:
             self._start_writer()
             self._wake.set()
 
-    def release(self, lease: tuple) -> None:
-        """The call never left the process: drop its holds (queued like a settle)."""
-        self.settle(lease, (), None)
-
-    def retry(self, lease: tuple, seconds: float, enforce: bool = True) -> Refusal | None:
-        _, start = lease
-        if self._down_until and time.monotonic() < self._down_until:
-            return self._retry_outage(start, seconds, None)
-        try:
-            reply = self._run("retry", [start, _amount(seconds), self._check_text, "1" if enforce else "0"])
-        except self._outage_error_types as error:
-            return self._retry_outage(start, seconds, error)
-        if reply[0] == 1:
-            return None
-        trip = self._trip(reply[1])
-        if reply[0] == 0:
-            return Refusal(self.scope, trip, True, False)
-        return Refusal(self.scope, trip, bool(reply[2]), bool(reply[2]))
-
-    def _window_keys(self) -> list[bytes]:
-        return list(self._client.scan_iter(match=f"{self._prefix}:w:*", count=1000))
-
-    def snapshot(self, window_known: bool = True) -> tuple[int, int, list, Trip | None]:
-        """(window start, calls holding a lease, used, trip) of the current window. A process
-        that does not know the budget's window (``runguard reset``, ``current_shared(name)``)
-        reads the latest window there is."""
-        start = ""
-        if not window_known:
-            starts = [int(key.rsplit(b":", 1)[1]) for key in self._window_keys()]
-            start = str(max(starts, default=0))
-        reply = self._run("snapshot", [start])
-        used = [_number(value or 0) for value in reply[3:10]]
-        trip = self._trip(reply[2]) if reply[2] else None
-        return int(reply[0]), int(reply[1]), used, trip
-
-    def reset(self) -> None:
-        """Zero the counters of every window, drop every lease and close the circuit (whatever
-        window length the budget's processes use)."""
-        self._client.delete(*self._window_keys(), *self._keys)
-
-    # -- trips -----------------------------------------------------------------------------
-    def _trip(self, raw: Any) -> Trip:
-        index, threshold, observed, forecast, used = json.loads(raw)
-        limit = "shared_" + LIMIT_OF_COUNTER[index]
-        return make_trip(
-            self.scope.name,
-            index,
-            _number(threshold),
-            _number(observed),
-            [_number(value) for value in used],
-            forecast=bool(forecast),
-            limit=limit,
-            prefix=f"shared budget {self.name!r}: ",
-        )
-
-    # -- settles in flight -------------------------------------------------------------------
-    def _take_pending(self, most: int | None = None) -> list:
-        """Take queued settles to send (counted until their reply arrives, for flush)."""
-        taken: list[tuple] = []
+    def carry(self, budget: SharedBudget) -> list:
+        """Take up to ``CARRY_MOST`` of ``budget``'s queued settles for its next reserve to carry."""
         with self._lock:
-            while self._pending and (most is None or len(taken) < most):
-                taken.append(self._pending.popleft())
+            taken = self._pending.pop(budget, None)
+            if not taken:
+                return []
+            if len(taken) > CARRY_MOST:
+                self._pending[budget] = taken[CARRY_MOST:]
+                taken = taken[:CARRY_MOST]
             self._sending += len(taken)
         return taken
 
-    def _done_sending(self, count: int) -> None:
+    def _take_all(self) -> list:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            taken = [entry for entries in pending.values() for entry in entries]
+            self._sending += len(taken)
+        return taken
+
+    def done_sending(self, count: int) -> None:
         with self._sent:
             self._sending -= count
             self._sent.notify_all()
 
     def _send(self, settles: list) -> None:
-        """Settle a batch in one pipelined round trip; trips they open are recorded."""
+        """Settle a batch (of any budgets) in one pipelined round trip; trips they open are recorded."""
         script = self._scripts["settle"]
         try:
             pipe = self._client.pipeline(transaction=False)
-            for (member, start), actual, _ in settles:
-                pipe.evalsha(
-                    script.sha, len(self._keys), *self._keys, *self._head, *self._settle_args(member, start, actual)
-                )
+            for lease, actual, _ in settles:
+                keys = lease.budget.keys
+                pipe.evalsha(script.sha, len(keys), *keys, lease.budget.head, *_settle_args(lease, actual))
             try:
                 replies = pipe.execute(raise_on_error=False)
             except self._outage_error_types as error:
-                self._mark_down(error)
-                self._owe_all(settles)
+                self.mark_down(error)
+                for lease, actual, _ in settles:
+                    self.owe(lease, actual)
                 return
-            for reply, ((member, start), actual, where) in zip(replies, settles):
+            for reply, (lease, actual, where) in zip(replies, settles):
                 if isinstance(reply, self._no_script):  # after a restart of the store: once more, loading it
                     try:
-                        reply = script(keys=self._keys, args=self._head + self._settle_args(member, start, actual))
+                        reply = self.run(lease.budget, "settle", _settle_args(lease, actual))
                     except self._outage_error_types as error:
                         reply = error
                 if isinstance(reply, Exception):  # kept and sent again: settles are applied once
-                    self._mark_down(reply)
-                    self._owe(member, start, actual)
+                    self.mark_down(reply)
+                    self.owe(lease, actual)
                     continue
                 if reply[1]:
-                    RUNTIME.events.tripped(self._trip(reply[1]), self.scope, where)
+                    RUNTIME.events.tripped(lease.budget.trip(reply[1]), lease.budget.scope, where)
         finally:
-            self._done_sending(len(settles))
-
-    def _settle_args(self, member: str, start: str, actual: tuple) -> list:
-        if not actual:  # a release: drop the holds, charge nothing, check nothing
-            return [member, start, "", ""]
-        return [member, start, self._check_text, _usage(actual)]
+            self.done_sending(len(settles))
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Send the queued settles now and wait for those already on their way (bounded)."""
         deadline = time.monotonic() + timeout
         if self._pending:
-            self._send(self._take_pending())
-        if self._unsettled and (not self._down_until or time.monotonic() >= self._down_until):
+            self._send(self._take_all())
+        if (self._unsettled or self._overflow) and (not self._down_until or time.monotonic() >= self._down_until):
             self._reconcile()
         with self._sent:
             while self._sending:
@@ -703,84 +621,35 @@ class SharedBudget:
         return not self._pending
 
     # -- outage ------------------------------------------------------------------------------
-    def _mark_down(self, error: BaseException) -> None:
+    def down(self) -> bool:
+        """The store did not answer lately: calls skip it until it is probed again."""
+        return bool(self._down_until) and time.monotonic() < self._down_until
+
+    def mark_down(self, error: BaseException) -> None:
         self._down_until = time.monotonic() + REPROBE_S
         log_once(
-            ("store-down", self.name),
-            "runguard: the shared budget's store %s is unreachable (%s: %s); store_outage=%r. Logged once.",
+            ("store-down", self.url),
+            "runguard: the shared budgets' store %s is unreachable (%s: %s); calls follow store_outage. Logged once.",
             self.shown_url,
             type(error).__name__,
             error,
-            self.outage,
         )
 
-    def _outage(self, reservation, error: BaseException | None, lease_id: str = "") -> Refusal | None:
-        """The store did not answer a reserve. ``lease_id``: the reserve that was sent, whose
-        script may still have run: its holds are released once the store answers again."""
-        if error is not None:
-            self._mark_down(error)
-        if self.outage == "fail_open":
-            # settled into the budget later, by id: applied once (a reply lost on the way back
-            # does not count it twice), releasing the late lease if the reserve did run
-            reservation.lease = (f"#{lease_id or self._new_id()}", self._local_window_start())
-            return None
-        if lease_id:  # a reserve was sent: release whatever it held, once the store answers
-            self._owe(f"#{lease_id}", "", ())
-        return self._closed()
-
-    def _closed(self) -> Refusal:
-        """The refusal of a call (or a retry) while the store cannot be reached (fail_closed)."""
-        trip = Trip(
-            self.scope.name,
-            "store_outage",
-            None,
-            None,
-            f"shared budget {self.name!r}: its store {self.shown_url} is unreachable; calls are refused "
-            "while it is down (store_outage='fail_closed')",
-        )
-        return Refusal(self.scope, trip, False, False)
-
-    def _retry_outage(self, start: str, seconds: float, error: BaseException | None) -> Refusal | None:
-        """A retry the store could not admit: refused under fail_closed; under fail_open it goes,
-        and its request (and the seconds before it) is owed to the budget, applied once."""
-        if error is not None:
-            self._mark_down(error)
-        if self.outage == "fail_open":
-            actual = (0, 1, 0, 0, 0, 0, seconds)
-            self._owe(f"#{self._new_id()}", start, actual)
-            return None
-        return self._closed()
-
-    def _new_id(self) -> str:
-        return f"{self._host}:{_PID[0]}:{next(self._ids)}"
-
-    def _local_window_start(self) -> str:
-        now = int(time.time())
-        return str(now - now % self.window if self.window else 0)
-
-    def _owe(self, member: str, start: str, actual: tuple) -> None:
+    def owe(self, lease: Lease, actual: tuple) -> None:
         """Keep a settle the store did not receive, to send when it answers again."""
         with self._lock:
             if len(self._unsettled) < MAX_UNSETTLED:
-                self._unsettled.append((member, start, actual))
+                self._unsettled.append((lease, actual))
                 return
-            # past the bound: fold usage into the last entry; the dropped lease expires on its own
-            last_member, last_start, last = self._unsettled[-1]
-            folded = tuple(a + b for a, b in zip(last or (0,) * len(COUNTERS), actual or (0,) * len(COUNTERS)))
-            self._unsettled[-1] = (last_member, last_start, folded)
+            # past the bound: usage is summed per budget and window; the dropped lease expires on its own
+            key = (lease.budget, lease.start)
+            owed = self._overflow.get(key) or (0,) * len(COUNTERS)
+            self._overflow[key] = tuple(a + b for a, b in zip(owed, actual or (0,) * len(COUNTERS)))
 
-    def _owe_all(self, settles) -> None:
-        for (member, start), actual, _ in settles:
-            self._owe(member, start, actual)
-
-    def owe_offline(self, lease: tuple, actual: tuple) -> None:
-        """A call admitted while the store was down (fail_open) used this."""
-        self._owe(lease[0], lease[1], tuple(actual))
-
-    def _back_up(self) -> None:
+    def back_up(self) -> None:
         """The store answers again: the writer sends what was settled while it was down."""
         self._down_until = 0.0
-        if self._unsettled:
+        if self._unsettled or self._overflow:
             self._reconcile_due = True
             self._start_writer()
             self._wake.set()
@@ -789,25 +658,27 @@ class SharedBudget:
         self._reconcile_due = False
         with self._lock:
             owed, self._unsettled = self._unsettled, []
+            overflow, self._overflow = self._overflow, {}
+        owed += [(Lease(budget, f"#{self.new_id()}", start), usage) for (budget, start), usage in overflow.items()]
         if not owed:
             return
         logger.warning(
-            "runguard: the shared budget's store %s answers again; reconciling %d call(s)", self.shown_url, len(owed)
+            "runguard: the shared budgets' store %s answers again; reconciling %d call(s)", self.shown_url, len(owed)
         )
-        for position, (member, start, actual) in enumerate(owed):
+        for position, (lease, actual) in enumerate(owed):
             try:
-                _, trip = self._run("settle", self._settle_args(member, start, actual))
+                _, trip = self.run(lease.budget, "settle", _settle_args(lease, actual))
             except self._outage_error_types as error:
                 with self._lock:
                     self._unsettled[:0] = owed[position:]
-                self._mark_down(error)
+                self.mark_down(error)
                 return
             if trip:
-                RUNTIME.events.tripped(self._trip(trip), self.scope)
+                RUNTIME.events.tripped(lease.budget.trip(trip), lease.budget.scope)
 
     # -- the writer thread ---------------------------------------------------------------------
     def _start_writer(self) -> None:
-        """One writer per process (a forked child starts its own)."""
+        """One writer per store and process (a forked child starts its own)."""
         if self._writer_pid != _PID[0]:
             with self._lock:
                 if self._writer_pid != _PID[0]:
@@ -816,6 +687,7 @@ class SharedBudget:
                     self._pending.clear()
                     self._live.clear()
                     self._unsettled.clear()
+                    self._overflow.clear()
                     self._sending = 0
                     self._writer_parked = True
                     threading.Thread(target=self._write, name="runguard-shared-budget", daemon=True).start()
@@ -834,7 +706,7 @@ class SharedBudget:
             time.sleep(SETTLE_DELAY_S)  # meanwhile, the next call usually carries the settles
             try:
                 if self._pending:
-                    self._send(self._take_pending())
+                    self._send(self._take_all())
                 elif not self._live:
                     self._writer_parked = True
                     if self._pending:  # a settle that came as it parked
@@ -846,7 +718,7 @@ class SharedBudget:
                     self._renew()
             except Exception as error:  # never let the writer die
                 log_once(
-                    ("writer", self.name, type(error).__name__),
+                    ("writer", self.url, type(error).__name__),
                     "runguard: shared-budget writer error (%s: %s). Logged once.",
                     type(error).__name__,
                     error,
@@ -854,14 +726,26 @@ class SharedBudget:
                 )
 
     def _renew(self) -> None:
-        live = list(self._live)
-        if not live:
+        """Extend the leases of calls still running: one script per budget, one round trip."""
+        by_budget: dict[SharedBudget, list[str]] = {}
+        for member, budget in list(self._live.items()):
+            by_budget.setdefault(budget, []).append(member)
+        if not by_budget:
             return
+        script = self._scripts["renew"]
         try:
-            self._run("renew", live)
+            pipe = self._client.pipeline(transaction=False)
+            for budget, members in by_budget.items():
+                pipe.evalsha(script.sha, len(budget.keys), *budget.keys, budget.head, *members)
+            replies = pipe.execute(raise_on_error=False)
+            for reply, (budget, members) in zip(replies, by_budget.items()):
+                if isinstance(reply, self._no_script):
+                    reply = self.run(budget, "renew", members)
+                if isinstance(reply, Exception):
+                    raise reply
         except Exception as error:  # the next reserve sees an outage; leases may lapse meanwhile
             log_once(
-                ("renew", self.name, type(error).__name__),
+                ("renew", self.url, type(error).__name__),
                 "runguard: could not renew shared-budget leases (%s: %s). Logged once.",
                 type(error).__name__,
                 error,
@@ -883,87 +767,393 @@ class SharedBudget:
             pass
 
 
+class SharedBudget:
+    """One named budget in Redis, as this process charges it: its name, limits, window and outage
+    policy, and the keys its scripts touch. Reserve/settle/release/retry go through its store's
+    ``SharedClient``; the object itself holds no connection, thread or queue."""
+
+    __slots__ = (
+        "__weakref__",
+        "check_text",
+        "checks",
+        "client",
+        "head",
+        "keys",
+        "limits",
+        "name",
+        "outage",
+        "scope",
+        "window",
+    )
+
+    def __init__(
+        self,
+        client: SharedClient,
+        name: str,
+        limits: dict[str, float],
+        window: int | None = None,
+        outage: str = "fail_closed",
+    ) -> None:
+        self.client = client
+        self.name = name
+        self.scope = SharedScope(name)
+        self.limits = dict(limits)
+        self.checks = tuple(
+            (COUNTER_OF_LIMIT[limit[len("shared_") :]], _amount(value))
+            for limit, value in limits.items()
+            if value != INF
+        )
+        self.check_text = ",".join(f"{index}:{threshold}" for index, threshold in self.checks)
+        self.window = window or 0
+        self.outage = outage
+        prefix = f"runguard:{{{name}}}"
+        self.keys = (f"{prefix}:leases", f"{prefix}:ids", f"{prefix}:settled")
+        self.head = f"{prefix}|{self.window}|{int(client.lease_s * 1000)}"
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    @property
+    def lease_s(self) -> float:
+        return self.client.lease_s
+
+    def __repr__(self) -> str:
+        return f"<runguard shared budget {self.name!r} on {self.client.shown_url}>"
+
+    def reserve(self, forecast: tuple, enforce: bool) -> tuple[Refusal | None, Lease | None]:
+        """Hold this call's forecast in the budget, or say why it is refused; the lease to settle."""
+        client = self.client
+        if client.down():
+            return self.outage_refusal(None)
+        holds = [(index, threshold, _amount(forecast[index])) for index, threshold in self.checks]
+        lease_id = client.new_id()
+        checks = ",".join(f"{index}:{threshold}:{amount}" for index, threshold, amount in holds)
+        if client._writer_pid != _PID[0]:
+            client._start_writer()
+        carried = client.carry(self) if client._pending else ()
+        try:
+            reply = client.reserve(
+                self,
+                [
+                    lease_id,
+                    "1" if enforce else "0",
+                    checks,
+                    ";".join(f"{lease.member}~{lease.start}~{_usage(actual)}" for lease, actual, _ in carried),
+                ],
+            )
+        except client._outage_error_types as error:
+            for lease, actual, _ in carried:
+                client.owe(lease, actual)
+            return self.outage_refusal(error, lease_id)
+        finally:
+            if carried:
+                client.done_sending(len(carried))
+        if client._down_until:
+            client.back_up()
+        if type(reply) is int:  # admitted: the lease is what the script recorded
+            start = str(reply)
+            member = f"{lease_id}|{start}" + "".join(f"|{index}={amount}" for index, _, amount in holds)
+            status = 1
+        else:
+            status, start, member, trip, sticky, opened = reply
+            start, member = start.decode(), member and member.decode()
+        lease = None
+        if member:
+            lease = Lease(self, member, start)
+            client._live[member] = self  # renewed by the writer while the call runs
+        if status == 1:
+            return None, lease
+        if status == 0:
+            return Refusal(self.scope, self.trip(trip), True, bool(opened)), lease
+        return Refusal(self.scope, self.trip(trip), bool(sticky), bool(sticky)), lease
+
+    def settle(self, lease: Lease, actual: tuple, where: Any = None) -> None:
+        """Drop the lease's holds and charge what the call used (queued: see ``SharedClient``; a
+        trip it opens is recorded on the MLflow run ``where`` names). A call admitted while the
+        store did not answer is owed to the budget, applied once when it does."""
+        if lease.member.startswith("#"):
+            self.client.owe(lease, tuple(actual))
+        else:
+            self.client.queue(lease, tuple(actual), where)
+
+    def release(self, lease: Lease) -> None:
+        """The call never left the process: drop its holds (queued like a settle)."""
+        self.settle(lease, ())
+
+    def unretry(self, lease: Lease) -> None:
+        """Take back the request ``retry`` counted for an attempt that was not sent after all
+        (another budget refused it); applied once, by id."""
+        taken_back = tuple(-1 if index == REQUESTS else 0 for index in range(len(COUNTERS)))
+        self.client.queue(Lease(self, f"#{self.client.new_id()}", lease.start), taken_back)
+
+    def retry(self, lease: Lease, seconds: float, enforce: bool = True) -> Refusal | None:
+        """One more HTTP attempt of the call holding ``lease``: admitted as one more request, or refused."""
+        client = self.client
+        if lease.member.startswith("#") or client.down():
+            return self._retry_outage(lease.start, seconds, None)
+        try:
+            reply = client.run(self, "retry", [lease.start, _amount(seconds), self.check_text, "1" if enforce else "0"])
+        except client._outage_error_types as error:
+            return self._retry_outage(lease.start, seconds, error)
+        if reply[0] == 1:
+            return None
+        trip = self.trip(reply[1])
+        if reply[0] == 0:
+            return Refusal(self.scope, trip, True, False)
+        return Refusal(self.scope, trip, bool(reply[2]), bool(reply[2]))
+
+    def _window_keys(self) -> list[bytes]:
+        prefix = self.keys[0].rsplit(":", 1)[0]
+        return list(self.client._client.scan_iter(match=f"{prefix}:w:*", count=1000))
+
+    def snapshot(self, window_known: bool = True) -> tuple[int, int, list, Trip | None]:
+        """(window start, calls holding a lease, used, trip) of the current window. A process
+        that does not know the budget's window (``runguard reset``, ``current_shared(name)``)
+        reads the latest window there is."""
+        start = ""
+        if not window_known:
+            starts = [int(key.rsplit(b":", 1)[1]) for key in self._window_keys()]
+            start = str(max(starts, default=0))
+        reply = self.client.run(self, "snapshot", [start])
+        used = [_number(value or 0) for value in reply[3:10]]
+        trip = self.trip(reply[2]) if reply[2] else None
+        return int(reply[0]), int(reply[1]), used, trip
+
+    def reset(self) -> None:
+        """Zero the counters of every window, drop every lease and close the circuit (whatever
+        window length the budget's processes use)."""
+        self.client._client.delete(*self._window_keys(), *self.keys)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        return self.client.flush(timeout)
+
+    # -- trips -----------------------------------------------------------------------------
+    def trip(self, raw: Any) -> Trip:
+        index, threshold, observed, forecast, used = json.loads(raw)
+        limit = "shared_" + LIMIT_OF_COUNTER[index]
+        return make_trip(
+            self.scope.name,
+            index,
+            _number(threshold),
+            _number(observed),
+            [_number(value) for value in used],
+            forecast=bool(forecast),
+            limit=limit,
+            prefix=f"shared budget {self.name!r}: ",
+        )
+
+    # -- outage ------------------------------------------------------------------------------
+    def outage_refusal(self, error: BaseException | None, lease_id: str = "") -> tuple[Refusal | None, Lease | None]:
+        """The store did not answer a reserve. ``lease_id``: the reserve that was sent, whose
+        script may still have run: its holds are released once the store answers again."""
+        client = self.client
+        if error is not None:
+            client.mark_down(error)
+        if self.outage == "fail_open":
+            # settled into the budget later, by id: applied once (a reply lost on the way back
+            # does not count it twice), releasing the late lease if the reserve did run
+            return None, Lease(self, f"#{lease_id or client.new_id()}", self._local_window_start())
+        if lease_id:  # a reserve was sent: release whatever it held, once the store answers
+            client.owe(Lease(self, f"#{lease_id}", ""), ())
+        return self.closed(), None
+
+    def closed(self) -> Refusal:
+        """The refusal of a call (or a retry) while the store cannot be reached (fail_closed)."""
+        trip = Trip(
+            self.scope.name,
+            "store_outage",
+            None,
+            None,
+            f"shared budget {self.name!r}: its store {self.client.shown_url} is unreachable; calls are refused "
+            "while it is down (store_outage='fail_closed')",
+        )
+        return Refusal(self.scope, trip, False, False)
+
+    def _retry_outage(self, start: str, seconds: float, error: BaseException | None) -> Refusal | None:
+        """A retry the store could not admit: refused under fail_closed; under fail_open it goes,
+        and its request (and the seconds before it) is owed to the budget, applied once."""
+        if error is not None:
+            self.client.mark_down(error)
+        if self.outage == "fail_open":
+            actual = tuple(
+                1 if index == REQUESTS else seconds if index == SECONDS else 0 for index in range(len(COUNTERS))
+            )
+            self.client.owe(Lease(self, f"#{self.client.new_id()}", start), actual)
+            return None
+        return self.closed()
+
+    def _local_window_start(self) -> str:
+        now = int(time.time())
+        return str(now - now % self.window if self.window else 0)
+
+
 def _usage(actual: tuple) -> str:
     """A call's usage as scripts read it: "<index>:<amount>,..." for each non-zero counter."""
     return ",".join(f"{index}:{_amount(amount)}" for index, amount in enumerate(actual) if amount)
 
 
+def _settle_args(lease: Lease, actual: tuple) -> list:
+    if not actual:  # a release: drop the holds, charge nothing, check nothing
+        return [lease.member, lease.start, "", ""]
+    return [lease.member, lease.start, lease.budget.check_text, _usage(actual)]
+
+
+_CLIENTS: dict[tuple[str, float], SharedClient] = {}  # the stores this process charges, by URL
+_CLIENTS_LOCK = threading.Lock()
+
+
+def shared_client(url: str, lease_s: float = 30.0) -> SharedClient:
+    """This process's client for the store at ``url`` (one per URL, whatever the budgets)."""
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get((url, lease_s))
+        if client is None:
+            client = _CLIENTS[(url, lease_s)] = SharedClient(url, lease_s)
+        return client
+
+
+def drop_client(client: SharedClient) -> None:
+    """Flush and close a client no configuration uses any more."""
+    with _CLIENTS_LOCK:
+        if _CLIENTS.get((client.url, client.lease_s)) is client:
+            del _CLIENTS[(client.url, client.lease_s)]
+    client.close()
+
+
+def flush_all(timeout: float = 5.0) -> bool:
+    """Send every store's queued settles (bounded)."""
+    deadline = time.monotonic() + timeout
+    done = True
+    for client in list(_CLIENTS.values()):
+        done = client.flush(max(0.0, deadline - time.monotonic())) and done
+    return done
+
+
 @atexit.register
 def _flush_at_exit() -> None:
     """Send this process's last settles before it exits (bounded: a dead store cannot hold it)."""
-    budget = getattr(RUNTIME.store, "budget", None)
-    if budget is not None:
-        try:
-            budget.flush(2.0)
-        except Exception:
-            pass
+    try:
+        flush_all(2.0)
+    except Exception:
+        pass
+
+
+def _merged(client: SharedClient, budgets: list[SharedBudget], outage: str) -> list[SharedBudget]:
+    """One budget per name: nested scopes naming the same budget charge it once, under the
+    lowest of their limits (and the outermost's window)."""
+    by_name: dict[str, SharedBudget] = {}
+    for budget in budgets:
+        first = by_name.get(budget.name)
+        if first is None:
+            by_name[budget.name] = budget
+            continue
+        limits = dict(first.limits)
+        for limit, value in budget.limits.items():
+            limits[limit] = min(value, limits.get(limit, INF))
+        by_name[budget.name] = client.budget(budget.name, limits, first.window, outage)
+    return list(by_name.values())
 
 
 class SharedStore:
-    """The in-memory store for this process's scopes, plus one shared budget every call also
-    charges (the outermost scope). Same contract as ``MemoryStore``; local scopes are checked
-    first, so a call refused locally never costs a round trip."""
+    """The in-memory store for this process's scopes, plus the shared budgets a call charges:
+    the process-wide one ``autolog()`` names, and those of the open sessions (one per tenant,
+    say). Same contract as ``MemoryStore``; local scopes are checked first, so a call refused
+    locally never costs a round trip; ``reservation.lease`` is the tuple of its leases."""
 
-    def __init__(self, local, budget: SharedBudget) -> None:
+    def __init__(self, local, client: SharedClient, budget: SharedBudget | None, outage: str = "fail_closed") -> None:
         self.local = local
+        self.client = client
         self.budget = budget
+        self.outage = outage
+        self._solo: tuple[SharedBudget, ...] = (budget,) if budget is not None else ()
         self._lock = local._lock
 
+    def budgets(self, charges) -> tuple[SharedBudget, ...] | list[SharedBudget]:
+        """The shared budgets a call with these charges is held in, outermost first."""
+        budgets: tuple[SharedBudget, ...] | list[SharedBudget] = self._solo
+        for scope, _ in charges:
+            spec = scope.shared
+            if spec is None:
+                continue
+            budget = scope.shared_budget
+            if budget is None or budget.client is not self.client or budget.outage != self.outage:
+                budget = scope.shared_budget = self.client.budget(spec.name, spec.limits, spec.window, self.outage)
+            budgets = [*budgets, budget]
+        if len(budgets) > 1 and len({budget.name for budget in budgets}) < len(budgets):
+            budgets = _merged(self.client, list(budgets), self.outage)
+        return budgets
+
     def reserve(self, reservation, enforce=True):
+        reservation.lease = None
         refusal = self.local.reserve(reservation, enforce)
         if refusal is not None and enforce:
-            reservation.lease = None
             return refusal
-        try:
-            shared = self.budget.reserve(reservation, enforce)
-        except Exception as error:  # runguard's own failure here is an outage too: never an admit
-            reservation.lease = None
-            shared = self.budget._outage(reservation, error)
-        if shared is not None and enforce:
-            self.local.release(reservation)
-            return shared
-        return refusal or shared
+        budgets = self.budgets(reservation.charges)
+        if not budgets:
+            return refusal
+        leases: list[Lease] = []
+        for budget in budgets:
+            try:
+                shared, lease = budget.reserve(reservation.forecast, enforce)
+            except Exception as error:  # runguard's own failure here is an outage too: never an admit
+                shared, lease = budget.outage_refusal(error)
+            if lease is not None:
+                leases.append(lease)
+            if shared is not None:
+                if enforce:
+                    for held in leases:
+                        held.budget.release(held)
+                    self.local.release(reservation)
+                    return shared
+                refusal = refusal or shared
+        reservation.lease = tuple(leases)
+        return refusal
 
-    def _take_lease(self, reservation):
+    def _take_leases(self, reservation):
         with self._lock:
             if reservation.settled:
                 return None, False
-            lease = getattr(reservation, "lease", None)
+            leases = getattr(reservation, "lease", None)
             reservation.lease = None
-            return lease, True
+            return leases, True
 
     def settle(self, reservation, actual, ok=True):
-        lease, live = self._take_lease(reservation)
+        leases, live = self._take_leases(reservation)
         if not live:
             return ()
         trips = self.local.settle(reservation, actual, ok)
-        if lease is not None:
-            if not lease[0].startswith("#"):  # its trips are recorded by the writer, on this thread's run
-                self.budget.settle(lease, actual, RUNTIME.events.run_info())
-            else:  # admitted while the store was down (fail_open): owed to the budget, applied once
-                self.budget.owe_offline(lease, tuple(actual))
+        if leases:
+            where = RUNTIME.events.run_info()  # a shared trip is recorded by the writer, on this thread's run
+            for lease in leases:
+                lease.budget.settle(lease, actual, where)
         return trips
 
     def release(self, reservation):
-        lease, live = self._take_lease(reservation)
+        leases, live = self._take_leases(reservation)
         if not live:
             return
         self.local.release(reservation)
-        if lease is not None and not lease[0].startswith("#"):
-            self.budget.release(lease)
+        for lease in leases or ():
+            lease.budget.release(lease)
 
     def retry(self, reservation, seconds, enforce=True):
         refusal = self.local.retry(reservation, seconds, enforce)
         if refusal is not None and enforce:
             return refusal
-        lease = getattr(reservation, "lease", None)
-        if lease is None or lease[0].startswith("#"):
+        leases = getattr(reservation, "lease", None)
+        if not leases:
             return refusal
-        shared = self.budget.retry(lease, seconds, enforce)
-        if shared is not None and enforce:
-            self.local.unretry(reservation)  # counted locally, but not sent after all
-            return shared
-        return refusal or shared
+        admitted: list[Lease] = []
+        for lease in leases:
+            shared = lease.budget.retry(lease, seconds, enforce)
+            if shared is not None and enforce:
+                self.local.unretry(reservation)  # counted, but not sent after all
+                for counted in admitted:
+                    counted.budget.unretry(counted)
+                return shared
+            admitted.append(lease)
+            refusal = refusal or shared
+        return refusal
 
     def throttled(self, reservation, limits, retry_after=None):
         return self.local.throttled(reservation, limits, retry_after)
@@ -981,28 +1171,29 @@ class SharedStore:
         return self.local.snapshot(scope)
 
 
-def use_shared(budget: SharedBudget | None) -> None:
-    """Charge every call to ``budget`` too (``None``: local scopes only)."""
-    previous = getattr(RUNTIME.store, "budget", None)
-    RUNTIME.store = RUNTIME.local if budget is None else SharedStore(RUNTIME.local, budget)
-    if previous is not None and previous is not budget:
-        previous.close()
+def use_shared(settings: dict | None) -> None:
+    """Install the store the resolved settings name: shared (a Redis URL) or in-memory only."""
+    previous = getattr(RUNTIME.store, "client", None)
+    store = None if settings is None else settings["store"].value
+    if store is None or store == "memory":
+        RUNTIME.store = RUNTIME.local
+        client = None
+    else:
+        assert settings is not None
+        client = shared_client(store, settings["shared_lease_s"].value)
+        outage = settings["store_outage"].value
+        RUNTIME.store = SharedStore(RUNTIME.local, client, budget_from(client, settings), outage)
+    if previous is not None and previous is not client:
+        drop_client(previous)
 
 
-def budget_from(settings: dict) -> SharedBudget | None:
-    """The shared budget the resolved settings name, or None."""
+def budget_from(client: SharedClient, settings: dict) -> SharedBudget | None:
+    """The process-wide shared budget the resolved settings name, or None."""
     name = settings["shared_budget"].value
     if name is None:
         return None
     limits = {limit: settings[limit].value for limit in SHARED_LIMITS}
-    return SharedBudget(
-        name,
-        settings["store"].value,
-        limits,
-        settings["shared_window"].value,
-        settings["store_outage"].value,
-        settings["shared_lease_s"].value,
-    )
+    return client.budget(name, limits, settings["shared_window"].value, settings["store_outage"].value)
 
 
 class SharedSnapshot(CounterView):

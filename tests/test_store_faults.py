@@ -169,14 +169,14 @@ def test_fork_while_a_thread_holds_the_shared_budgets_lock_does_not_deadlock_the
     runguard.autolog(store=private_redis.url, shared_budget=name, shared_max_calls=10, max_calls="none")
     chat(client)
     budget = _runtime.RUNTIME.store.budget
-    assert _fork_and_call(client, lambda: budget._lock) == 0
+    assert _fork_and_call(client, lambda: budget.client._lock) == 0
     assert server.count() == 2
 
 
 def test_a_reserve_resent_after_its_reply_was_lost_is_held_once(client, server, private_redis, name, monkeypatch):
     runguard.autolog(store=private_redis.url, shared_budget=name, shared_max_calls=10, max_calls="none")
     chat(client)  # this thread's connection to the store exists now
-    conn = _runtime.RUNTIME.store.budget._connection.conn
+    conn = _runtime.RUNTIME.store.client._connection.conn
     real, lost = conn.read_response, []
 
     def lose_the_first_reply(*args, **kwargs):
