@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ._errors import RunGuardConfigError, RunGuardTripped
@@ -35,6 +36,30 @@ def rejection(trip: RunGuardTripped) -> tuple[int, list[tuple[str, str]], bytes]
 
 def check_options(limits: dict[str, Any], name: object) -> None:
     """Validate the middleware's keywords now, as ``runguard.session()`` would on every request."""
-    session(None, **limits)  # builds, never enters: raises RunGuardConfigError on a bad limit
+    shared = limits.get("shared_budget")
+    session(None, **{**limits, "shared_budget": "checked" if callable(shared) else shared})  # raises on a bad one
     if name is not None and not callable(name):
         raise RunGuardConfigError(f"runguard: name must be a callable returning the session name, not {name!r}")
+
+
+class RequestLimits:
+    """The session keywords for one request: the middleware's, with the shared budget named from
+    the request when ``shared_budget`` is a callable (``"tenant:" + header``, say; ``None``: this
+    request charges no shared budget of its own)."""
+
+    __slots__ = ("limits", "shared", "unshared")
+
+    def __init__(self, limits: dict[str, Any], name: object) -> None:
+        check_options(limits, name)
+        shared = limits.get("shared_budget")
+        self.limits = limits
+        self.shared: Callable[[Any], str | None] | None = shared if callable(shared) else None
+        self.unshared = {key: value for key, value in limits.items() if not key.startswith("shared_")}
+
+    def __call__(self, request: Any) -> dict[str, Any]:
+        if self.shared is None:
+            return self.limits
+        budget = self.shared(request)
+        if budget is None:
+            return self.unshared
+        return {**self.limits, "shared_budget": budget}

@@ -22,6 +22,11 @@ What it does, request by request:
   :class:`~runguard_autolog.RunGuardConfigError` there, not on the first request.
 * The session is open for the whole ``await app(scope, receive, send)``: streaming bodies and
   background tasks run inside it, and tasks the app starts inherit it (contextvars).
+* ``shared_budget=`` (with ``shared_max_*`` limits) makes each request also charge a shared
+  budget, the same for every request, or named from the request by a callable, one per
+  tenant: ``shared_budget=lambda scope: "tenant:" + dict(scope["headers"])[b"x-tenant"].decode()`` (``None``: no shared budget
+  for that request). It needs ``runguard.autolog(store="redis://…")``. However many tenants
+  appear, the process keeps one connection per thread and one writer thread per store.
 * A :class:`~runguard_autolog.RunGuardTripped` that escapes the app (raised directly, or found
   along the ``__cause__`` / ``__context__`` chain of what escapes, or inside an exception group)
   becomes HTTP 429 with the JSON body
@@ -45,7 +50,7 @@ from typing import Any
 
 from . import RunGuardTripped, session
 from ._errors import tripped_in
-from ._web import check_options, rejection
+from ._web import RequestLimits, rejection
 
 __all__ = ["RunGuardMiddleware"]
 
@@ -114,9 +119,8 @@ class RunGuardMiddleware:
     __slots__ = ("_limits", "_name", "app")
 
     def __init__(self, app: ASGIApp, *, name: Callable[[Scope], str] | None = None, **limits: Any) -> None:
-        check_options(limits, name)
         self.app = app
-        self._limits = limits
+        self._limits = RequestLimits(limits, name)
         self._name: Callable[[Scope], str] = name if name is not None else request_name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -125,7 +129,7 @@ class RunGuardMiddleware:
             return
         response = _Response(send)
         try:
-            with session(self._name(scope), **self._limits):
+            with session(self._name(scope), **self._limits(scope)):
                 await self.app(scope, receive, response.send)
         except Exception as error:
             trip = tripped_in(error)

@@ -25,6 +25,11 @@ What it does, request by request:
   the app call, for each chunk and for ``close()``: the session is open exactly while the app's
   code runs and never leaks into the server thread's own context. The session ends after the
   app iterable's ``close()`` (PEP 3333), which the middleware always forwards.
+* ``shared_budget=`` (with ``shared_max_*`` limits) makes each request also charge a shared
+  budget, the same for every request, or named from the request by a callable, one per
+  tenant: ``shared_budget=lambda environ: "tenant:" + environ["HTTP_X_TENANT"]`` (``None``: no shared budget
+  for that request). It needs ``runguard.autolog(store="redis://…")``. However many tenants
+  appear, the process keeps one connection per thread and one writer thread per store.
 * A :class:`~runguard_autolog.RunGuardTripped` that escapes the app (raised directly, or found
   along the ``__cause__`` / ``__context__`` chain of what escapes, or inside an exception group)
   becomes HTTP 429 with the JSON body
@@ -53,7 +58,7 @@ from typing import Any
 
 from . import RunGuardTripped, session
 from ._errors import tripped_in
-from ._web import check_options, rejection
+from ._web import RequestLimits, rejection
 
 __all__ = ["RunGuardMiddleware"]
 
@@ -170,9 +175,8 @@ class RunGuardMiddleware:
     __slots__ = ("_limits", "_name", "app")
 
     def __init__(self, app: WSGIApp, *, name: Callable[[Environ], str] | None = None, **limits: Any) -> None:
-        check_options(limits, name)
         self.app = app
-        self._limits = limits
+        self._limits = RequestLimits(limits, name)
         self._name: Callable[[Environ], str] = name if name is not None else request_name
 
     def _call(self, guard: session, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -185,7 +189,7 @@ class RunGuardMiddleware:
             raise
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        guard = session(self._name(environ), **self._limits)
+        guard = session(self._name(environ), **self._limits(environ))
         exchange = _Exchange(start_response)
         context = contextvars.copy_context()
         try:

@@ -3,8 +3,9 @@
     python tests/_shared_worker.py '<json>'
 
 The JSON gives ``autolog`` (keywords), ``base_url``, ``threads``, ``calls_per_thread`` and
-the request's ``max_tokens`` (optional). Each thread calls until runguard refuses it, then
-stops. Prints one JSON line: how many calls returned, and the limit/scope of each refusal.
+the request's ``max_tokens`` (optional); ``session`` (optional) gives the keywords of a
+``runguard.session()`` each call runs in (a tenant's shared budget, say). Each thread calls
+until runguard refuses it, then stops. Prints one JSON line: how many calls returned, and the limit/scope of each refusal.
 With ``"hold": true`` it makes a single call (the test answers it slowly), printing
 ``sending`` first, so the test can kill the process while its reservation is held.
 """
@@ -36,7 +37,8 @@ def main() -> None:
     def work() -> None:
         for _ in range(params["calls_per_thread"]):
             try:
-                client.chat.completions.create(**request)
+                with runguard.session(**params.get("session", {})):
+                    client.chat.completions.create(**request)
             except runguard.RunGuardTripped as trip:
                 with lock:
                     refused.append([trip.limit, trip.scope])
