@@ -75,6 +75,7 @@ def autolog(
     disabled_integrations: Iterable[str] | str | None = None,
     unpriced: str | None = None,
     window: str | int | None = None,
+    agent: str | None = None,
     store: str | None = None,
     shared_budget: str | None = None,
     shared_max_calls: float | str | None = None,
@@ -101,6 +102,8 @@ def autolog(
     ``window`` (``RUNGUARD_WINDOW``): ``"minute"``, ``"hour"``, ``"day"`` or seconds: the process
     and run scopes count in fixed windows, starting afresh (counters and circuit) at each
     boundary, so a long-running service is not stopped for good; ``None``: for the process's life.
+    ``agent`` (``RUNGUARD_AGENT``): this program's name, the run tag ``runguard.agent`` that
+    ``runguard report`` groups trips by (else the run name).
     ``unpriced`` (``RUNGUARD_UNPRICED``): ``"allow"`` (the default: a model with no known price
     costs 0 USD) or ``"refuse"`` (refused before sending while a cost limit is set, with
     ``limit="unpriced"``). Prices: :func:`register_price`, or ``RUNGUARD_PRICES`` naming a JSON file.

@@ -205,6 +205,16 @@ def parse_unpriced(value: Any, where: str = "unpriced") -> str:
     raise _bad(where, value, "use 'allow' or 'refuse'")
 
 
+_AGENT_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,250}")
+
+
+def parse_agent(value: Any, where: str = "agent") -> str:
+    """The agent's name for the trip report (run tag ``runguard.agent``): 1-250 printable characters."""
+    if isinstance(value, str) and _AGENT_NAME.fullmatch(value.strip()):
+        return value.strip()
+    raise _bad(where, value, "use a name of 1-250 printable characters")
+
+
 def parse_prices(value: Any, where: str = "prices") -> dict[str, dict[str, Any]]:
     """A JSON file of prices: ``{model: {"input_usd_per_mtok": ..., "output_usd_per_mtok": ...,
     "cached_input_usd_per_mtok": ...} | {"same_as": model}}`` (checked here; registered by autolog())."""
@@ -236,7 +246,7 @@ def parse_artifact_breach(value: Any, where: str = "artifact_breach") -> str:
 def redact(url: str) -> str:
     """A store URL safe to print: any password replaced by ``***``."""
     try:
-        parts = urlsplit(url)
+        parts = original = urlsplit(url)
         if parts.password is not None:
             user = parts.username or ""
             host = parts.netloc.rsplit("@", 1)[1]
@@ -251,7 +261,7 @@ def redact(url: str) -> str:
             flags=re.IGNORECASE,
         )
         parts = parts._replace(query=query)
-    return parts.geturl()
+    return url if parts == original else parts.geturl()  # geturl() drops the // of sqlite:////path
 
 
 def parse_store(value: Any, where: str = "store") -> str:
@@ -399,6 +409,7 @@ def resolve(keywords: Mapping[str, Any], environ: Mapping[str, str] | None = Non
     _pick(keywords, environ, settings, "unpriced", parse_unpriced, "allow")
     _pick(keywords, environ, settings, "window", parse_window, None)
     _pick(keywords, environ, settings, "prices", parse_prices, None)
+    _pick(keywords, environ, settings, "agent", parse_agent, None)
     _resolve_shared(keywords, environ, settings)
     return settings
 
@@ -501,6 +512,7 @@ SHOWN_SETTINGS = (
     "unpriced",
     "prices",
     "window",
+    "agent",
     *SHARED_SETTINGS,
 )
 

@@ -24,6 +24,7 @@ TAG_TRIPPED = "runguard.tripped"
 TAG_TRIP_LIMIT = "runguard.trip_limit"
 TAG_TRIP_SCOPE = "runguard.trip_scope"
 TAG_SHARED_BUDGET = "runguard.shared_budget"
+TAG_AGENT = "runguard.agent"  # autolog(agent=...): what the trip report groups by
 METRIC_TRIPPED = "runguard.tripped"  # 0 or 1 at run end (the tag of the same name holds the reason)
 METRIC_CALLS_AT_TRIP = "runguard.calls_at_trip"
 METRIC_TOKENS_AT_TRIP = "runguard.tokens_at_trip"
@@ -156,6 +157,7 @@ def tripped(trip, scope=None, where=_HERE) -> None:
         tags = {TAG_TRIPPED: trip.reason, TAG_TRIP_LIMIT: trip.limit, TAG_TRIP_SCOPE: trip.scope}
         if trip.scope.startswith("shared:"):
             tags[TAG_SHARED_BUDGET] = trip.scope[len("shared:") :]
+        tags.update(_agent_tag())
         _WORKER.submit(lambda: write_run(run_id, uri, metrics, tags))
     except Exception as error:
         log_once(("record-trip", type(error).__name__), "runguard: could not record a trip (%s)", error)
@@ -298,7 +300,12 @@ def write_run_summary(run_id: str, scope) -> None:
     used = scope.used
     metrics = {name: used[index] for name, index in SUMMARY_METRICS}
     metrics[METRIC_TRIPPED] = 0 if scope.tripped is None else 1
-    write_run(run_id, mlflow.get_tracking_uri(), metrics, {})
+    write_run(run_id, mlflow.get_tracking_uri(), metrics, _agent_tag())
+
+
+def _agent_tag() -> dict[str, object]:
+    agent = RUNTIME.settings["agent"].value
+    return {} if agent is None else {TAG_AGENT: agent}
 
 
 class Recorder(Events):

@@ -31,7 +31,8 @@ processes and machines:
   and adds what they used to the budget when the store answers again.
 
 Keys: ``runguard:{<name>}:w:<window start>`` (a hash of used ``u0..u6`` and reserved
-``r0..r6`` counters in ``_store.COUNTERS`` order, and ``trip``) and ``…:leases`` (a sorted
+``r0..r6`` counters in ``_store.COUNTERS`` order, ``trip``, and ``cfg``: the window and limits
+the last reserving process enforced, for ``runguard status``) and ``…:leases`` (a sorted
 set of "<lease id>|<window start>|<index>=<held amount>|..." scored by expiry, ms). The
 braces keep one budget's keys in one Redis Cluster slot.
 """
@@ -74,7 +75,7 @@ SETTLED_KEEP_S = 3600  # a settle re-sent within this long after the first is ap
 _PRELUDE = """
 local prefix, window, lease_ms = string.match(ARGV[1], '^([^|]*)|([^|]*)|([^|]*)$')
 window, lease_ms = tonumber(window), tonumber(lease_ms)
-local FIELDS = {'u0', 'u1', 'u2', 'u3', 'u4', 'u5', 'u6', 'r0', 'r1', 'r2', 'r3', 'r4', 'r5', 'r6', 'trip'}
+local FIELDS = {'u0', 'u1', 'u2', 'u3', 'u4', 'u5', 'u6', 'r0', 'r1', 'r2', 'r3', 'r4', 'r5', 'r6', 'trip', 'cfg'}
 local function clock()
   local t = redis.call('TIME')
   return tonumber(t[1]), tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -87,7 +88,7 @@ local function key(start) return prefix .. ':w:' .. start end
 -- v[1..7]: used counters, v[8..14]: reserved, in _store.COUNTERS order; v.trip
 local function load(wkey)
   local s = redis.call('HMGET', wkey, unpack(FIELDS))
-  local v = {trip = s[15]}
+  local v = {trip = s[15], cfg = s[16]}
   for i = 1, 14 do v[i] = tonumber(s[i] or '0') end
   return v
 end
@@ -197,10 +198,14 @@ if #expired > 0 then
     end
   end
 end
-local checks = {}
+local checks, limits = {}, {}
 for index, threshold, amount in string.gmatch(ARGV[4], '(%d):([^:,]+):([^:,]+)') do
   checks[#checks + 1] = {tonumber(index), threshold, amount}
+  limits[#limits + 1] = index .. ':' .. threshold
 end
+-- the limits and window this process enforces, for `runguard status` (written when they change)
+local cfg = window .. '|' .. table.concat(limits, ',')
+if v.cfg ~= cfg then redis.call('HSET', wkey, 'cfg', cfg) end
 local opened = 0
 if ARGV[5] ~= '' then
   for member, fallback, usage in string.gmatch(ARGV[5], '([^~;]*)~([^~;]*)~([^~;]*)') do
@@ -348,7 +353,7 @@ return #ARGV - 1
 """
 )
 
-# Returns {start, leases held, trip or false, u0..u6} of the current window (ARGV[2]: that
+# Returns {start, leases held, trip or false, u0..u6, "<window>|<index>:<limit>,..." or false} of the current window (ARGV[2]: that
 # window's start, when the caller knows it rather than the window length).
 _SNAPSHOT = (
     _PRELUDE
@@ -356,7 +361,7 @@ _SNAPSHOT = (
 local start = ARGV[2]
 if start == '' then start = window_start(clock()) end
 local s = redis.call('HMGET', key(start), unpack(FIELDS))
-return {start, redis.call('ZCARD', KEYS[1]), s[15] or false, s[1], s[2], s[3], s[4], s[5], s[6], s[7]}
+return {start, redis.call('ZCARD', KEYS[1]), s[15] or false, s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[16] or false}
 """
 )
 
@@ -907,10 +912,10 @@ class SharedBudget:
         prefix = self.keys[0].rsplit(":", 1)[0]
         return list(self.client._client.scan_iter(match=f"{prefix}:w:*", count=1000))
 
-    def snapshot(self, window_known: bool = True) -> tuple[int, int, list, Trip | None]:
-        """(window start, calls holding a lease, used, trip) of the current window. A process
-        that does not know the budget's window (``runguard reset``, ``current_shared(name)``)
-        reads the latest window there is."""
+    def snapshot(self, window_known: bool = True) -> BudgetState:
+        """The budget's current window as the store keeps it. A process that does not know the
+        budget's window (``runguard status``, ``current_shared(name)``) reads the latest window
+        there is."""
         start = ""
         if not window_known:
             starts = [int(key.rsplit(b":", 1)[1]) for key in self._window_keys()]
@@ -918,7 +923,8 @@ class SharedBudget:
         reply = self.client.run(self, "snapshot", [start])
         used = [_number(value or 0) for value in reply[3:10]]
         trip = self.trip(reply[2]) if reply[2] else None
-        return int(reply[0]), int(reply[1]), used, trip
+        window, limits = _configuration(reply[10] if len(reply) > 10 else None)
+        return BudgetState(int(reply[0]), int(reply[1]), used, trip, limits, window)
 
     def reset(self) -> None:
         """Zero the counters of every window, drop every lease and close the circuit (whatever
@@ -986,6 +992,29 @@ class SharedBudget:
     def _local_window_start(self) -> str:
         now = int(time.time())
         return str(now - now % self.window if self.window else 0)
+
+
+class BudgetState(NamedTuple):
+    """A shared budget's current window as the store keeps it."""
+
+    window_start: int
+    in_flight: int  # calls admitted and not yet settled (leases held), every process
+    used: list
+    trip: Trip | None
+    limits: dict[str, float]  # as the last process to reserve enforced them ({}: none seen)
+    window: int | None  # seconds (None: no window, or none seen)
+
+
+def _configuration(raw: Any) -> tuple[int | None, dict[str, float]]:
+    """The window and limits a reserve recorded: "<window s>|<index>:<limit>,..."."""
+    if not raw:
+        return None, {}
+    window, _, checks = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition("|")
+    limits = {}
+    for check in filter(None, checks.split(",")):
+        index, _, threshold = check.partition(":")
+        limits["shared_" + LIMIT_OF_COUNTER[int(index)]] = _number(threshold)
+    return (int(window) or None) if window.isdigit() else None, limits
 
 
 def _usage(actual: tuple) -> str:
@@ -1199,20 +1228,24 @@ def budget_from(client: SharedClient, settings: dict) -> SharedBudget | None:
 class SharedSnapshot(CounterView):
     """What ``runguard.current_shared()`` returns: the shared budget's current window."""
 
-    __slots__ = ("in_flight", "limits", "scope", "tripped", "window_start")
+    __slots__ = ("in_flight", "limits", "scope", "tripped", "window", "window_start")
     scope: str
     in_flight: int
     limits: dict[str, Any]
     tripped: RunGuardTripped | None
+    window: int | None
     window_start: Any
 
     def __init__(self, budget: SharedBudget, window_known: bool = True) -> None:
-        start, self.in_flight, used, trip = budget.snapshot(window_known)  # in_flight: admitted, not yet settled
+        state = budget.snapshot(window_known)
+        self.in_flight = state.in_flight  # admitted, not yet settled
         self.scope = budget.scope.name
-        self._show(used)
-        self.limits = dict(budget.limits)
-        self.tripped = None if trip is None else RunGuardTripped.from_trip(trip)
-        self.window_start = start
+        self._show(state.used)
+        # this process's own limits for the budget it configures; else what its processes enforce
+        self.limits = dict(budget.limits) if window_known else state.limits
+        self.window = (budget.window or None) if window_known else state.window
+        self.tripped = None if state.trip is None else RunGuardTripped.from_trip(state.trip)
+        self.window_start = state.window_start
 
     def __repr__(self) -> str:
         return (

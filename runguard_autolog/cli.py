@@ -1,4 +1,5 @@
-"""The ``runguard`` command: ``demo``, ``run``, ``config``, ``reset --shared``, ``bootstrap-path``, ``version``."""
+"""The ``runguard`` command: ``demo``, ``run``, ``config``, ``report``, ``status --shared``, ``reset --shared``,
+``bootstrap-path``, ``version``."""
 
 from __future__ import annotations
 
@@ -43,6 +44,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     reset.add_argument("--shared", metavar="NAME", required=True, help="the shared budget's name")
     reset.add_argument("--store", help="the Redis URL holding it (default: RUNGUARD_STORE)")
+    report = commands.add_parser(
+        "report",
+        help="trip rate over time, calls at trip, ceilings hit and agents, from the MLflow tracking store",
+        epilog="exit status: 0 a report (possibly of no runs), 1 the tracking store did not answer, "
+        "2 an unknown experiment, a bad --since or an unwritable file",
+    )
+    report.add_argument(
+        "--experiment", nargs="+", action="extend", default=[], metavar="NAME_OR_ID", help="(default: all)"
+    )
+    report.add_argument("--since", default="30d", help="7d, 24h, 2w or a date such as 2026-11-01 (default 30d)")
+    report.add_argument("--tracking-uri", help="(default: MLFLOW_TRACKING_URI, else MLflow's default)")
+    report.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    report.add_argument("--plot", metavar="FILE.png", help="write the pictures as a PNG")
+    report.add_argument("--html", metavar="FILE.html", help="write one self-contained HTML page")
+    status = commands.add_parser("status", help="a shared budget's counters, limits, window and trip")
+    status.add_argument("--shared", metavar="NAME", required=True, help="the shared budget's name")
+    status.add_argument("--store", help="the Redis URL holding it (default: RUNGUARD_STORE)")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     commands.add_parser("version", help="print the version")
     try:
         args = parser.parse_args(argv)
@@ -67,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "reset":
         return _reset_shared(args.shared, args.store)
+    if args.command == "report":
+        return _report(args)
+    if args.command == "status":
+        return _status(args.shared, args.store, args.json)
     if args.command == "bootstrap-path":
         from ._bootstrap import bootstrap_dir
 
@@ -96,6 +119,83 @@ def _reset_shared(name: str, store: str | None) -> int:
         )
         return 1
     print(f"runguard: shared budget {name!r} reset (counters zeroed, circuit closed)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import os
+
+    from ._report import ReportError, build, html_page, png, table
+
+    # an unreachable tracking server is an answer in seconds, not minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        report = build(args.experiment, args.since, args.tracking_uri)
+        for path, content in ((args.plot, png), (args.html, html_page)):
+            if path:
+                data = content(report)
+                try:
+                    with open(path, "wb") as file:
+                        file.write(data if isinstance(data, bytes) else data.encode("utf-8"))
+                except OSError as error:
+                    raise ReportError(f"runguard: could not write {path}: {error.strerror}", 2) from None
+    except ReportError as error:
+        print(error, file=sys.stderr)
+        return error.status
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    return 0
+
+
+def _status(name: str, store: str | None, as_json: bool) -> int:
+    from . import _budget_named
+    from ._bootstrap import BAD_CONFIG_EXIT
+    from ._config import redact
+    from ._counters import COUNTERS
+    from ._errors import RunGuardConfigError
+    from ._shared import SharedSnapshot
+
+    temporary = None
+    try:
+        budget, temporary = _budget_named(name, store)
+        snapshot = SharedSnapshot(budget, window_known=False)
+    except RunGuardConfigError as error:
+        print(error, file=sys.stderr)
+        return BAD_CONFIG_EXIT
+    except Exception as error:  # the store did not answer: say so without echoing a password
+        print(
+            f"runguard: could not read shared budget {name!r}: {type(error).__name__}: {redact(str(error))}",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        if temporary is not None:
+            temporary.close()
+    trip = snapshot.tripped
+    state = {
+        "budget": budget.name,
+        "scope": snapshot.scope,
+        "store": budget.client.shown_url,
+        "window_s": snapshot.window,
+        "window_start": snapshot.window_start if snapshot.window else None,
+        "in_flight": snapshot.in_flight,
+        **{counter: getattr(snapshot, counter) for counter in COUNTERS},
+        "limits": snapshot.limits,
+        "tripped": None
+        if trip is None
+        else {"limit": trip.limit, "reason": trip.reason, "threshold": trip.threshold, "observed": trip.observed},
+    }
+    if as_json:
+        print(json.dumps(state, indent=2))
+        return 0
+    window = f"window {state['window_s']} s from {state['window_start']}" if state["window_s"] else "no window"
+    limits = ", ".join(f"{limit}={value:g}" for limit, value in state["limits"].items()) or "none seen"
+    print(f"shared budget {budget.name!r} on {state['store']} ({window})")
+    print(
+        "  " + ", ".join(f"{counter} {state[counter]:g}" for counter in COUNTERS) + f", in flight {state['in_flight']}"
+    )
+    print(f"  limits: {limits}")
+    print(f"  tripped: {'no' if trip is None else f'{trip.limit}: {trip.reason}'}")
     return 0
 
 

@@ -18,7 +18,7 @@ LAYERS = [  # (layer, modules named relative to the package, "" being the packag
     ("guard", {"_call", "_streams", "_guard", "_attempts"}),
     ("recording", {"_recording"}),
     ("integrations", {"_patching", "_evaluation", "_artifacts", "integrations.*"}),
-    ("api", {"", "__main__", "cli", "_bootstrap", "demo", "bootstrap.sitecustomize", "testing.*", "asgi", "wsgi", "_web"}),
+    ("api", {"", "__main__", "cli", "_bootstrap", "_report", "demo", "bootstrap.sitecustomize", "testing.*", "asgi", "wsgi", "_web"}),
 ]
 FORBIDDEN = {"core": ("mlflow", "wrapt", "redis"), "stores": ("mlflow", "wrapt"), "guard": ("mlflow", "redis")}
 

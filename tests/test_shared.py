@@ -181,8 +181,8 @@ def test_an_idle_settle_is_sent_on_its_own(client, server, redis_url, name):
     chat(client)
     time.sleep(_shared.SETTLE_DELAY_S + 0.5)  # no call follows to carry it: the writer sends it
     budget = runguard._runtime.RUNTIME.store.budget
-    start, in_flight, used, trip = budget.snapshot()  # no flush here
-    assert (used[0], in_flight) == (1, 0)
+    state = budget.snapshot()  # no flush here
+    assert (state.used[0], state.in_flight) == (1, 0)
 
 
 # -- sticky for every process, reset from the CLI ---------------------------------------------
