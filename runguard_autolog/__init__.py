@@ -202,6 +202,7 @@ def reset_shared(name: str | None = None, store: str | None = None) -> None:
     else ``RUNGUARD_STORE``. Calls already in flight settle into the fresh counters."""
     budget, temporary = _budget_named(name, store)
     try:
+        budget.flush(2.0)  # this process's queued settles belong to the counters being reset
         budget.reset()
     finally:
         if temporary is not None:

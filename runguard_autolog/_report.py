@@ -324,7 +324,7 @@ def png(report: dict[str, Any]) -> bytes:
         agents.barh(
             names, tripped, left=[row["runs"] - t for row, t in zip(top, tripped)], color="#d62728", label="tripped"
         )
-        agents.legend(loc="lower right")
+        agents.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2, frameon=False)
     agents.set(title="runs by agent", xlabel="runs")
     for panel in (rate, calls, limits, agents):
         axis = panel.xaxis if panel in (limits, agents) else panel.yaxis

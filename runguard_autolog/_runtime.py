@@ -77,6 +77,7 @@ class Runtime:
         self.switch: Callable[[bool], None] = _no_switch  # autolog() on/off, set by the public API
         self._resets: list[Callable[[], None]] = []
         self._fork_locks: list[tuple[weakref.ref, str, Callable[[], Any]]] = []
+        self._fork_kept = 0  # entries after the last pruning
 
     def configure(self, settings: dict[str, Setting]) -> None:
         self.settings = settings
@@ -115,11 +116,19 @@ class Runtime:
     def fork_safe(self, owner: Any, attribute: str, factory: Callable[[], Any]) -> None:
         """Re-create ``owner.<attribute>`` (a lock, a queue) in a forked child: a lock held by
         another thread at fork() would otherwise stay held for ever in the child."""
-        self._fork_locks.append((weakref.ref(owner), attribute, factory))
+        self._remember((weakref.ref(owner), attribute, factory))
 
     def at_fork(self, owner: Any, method: str) -> None:
         """Call ``owner.<method>()`` in a forked child (for state more involved than a lock)."""
-        self._fork_locks.append((weakref.ref(owner), "", lambda: method))
+        self._remember((weakref.ref(owner), "", lambda: method))
+
+    def _remember(self, entry: tuple) -> None:
+        """Keep a fork entry; entries of owners gone are dropped as the list doubles (bounded)."""
+        with self.logged_lock:
+            self._fork_locks.append(entry)
+            if len(self._fork_locks) > max(64, 2 * self._fork_kept):
+                self._fork_locks[:] = [item for item in self._fork_locks if item[0]() is not None]
+                self._fork_kept = len(self._fork_locks)
 
     def _after_fork(self) -> None:
         self.lock = threading.RLock()

@@ -146,7 +146,9 @@ local function first_settle(member, now)
   local id = member
   if string.sub(id, 1, 1) == '#' then id = string.sub(id, 2) else id = lease_id(id) end
   if id == '' then return true end
-  return redis.call('ZADD', KEYS[3], 'NX', now, id) == 1
+  if redis.call('ZADD', KEYS[3], 'NX', now, id) == 0 then return false end
+  redis.call('PEXPIRE', KEYS[3], SETTLED_KEEP_MS)
+  return true
 end
 local function trip_of(index, threshold_text, observed, forecast, v)
   return cjson.encode({index, threshold_text, observed, forecast, {v[1], v[2], v[3], v[4], v[5], v[6], v[7]}})
@@ -166,6 +168,8 @@ local function refusal(wkey, v, index, threshold_text, wanted)
   return trip, sticky and 1 or 0
 end
 """
+
+_PRELUDE = _PRELUDE.replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
 
 # ARGV[2] lease id, ARGV[3] enforce (1/0), ARGV[4] checks "<index>:<threshold>:<forecast>,...",
 # ARGV[5] settles of this process's earlier calls carried by this round trip,
@@ -263,7 +267,7 @@ redis.call('HSET', KEYS[2], ARGV[2], member)
 if status == 1 then return tonumber(start) end
 if status == 2 then status = 3 end
 return {status, start, member, trip, sticky, opened}
-""".replace("RECLAIM_PER_CALL", str(RECLAIM_PER_CALL)).replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
+""".replace("RECLAIM_PER_CALL", str(RECLAIM_PER_CALL))
 )
 
 # ARGV[2] lease ('' for none), ARGV[3] window start to charge when the lease is gone ('' for the
@@ -295,8 +299,11 @@ for index, threshold in string.gmatch(ARGV[4], '(%d):([^:,]+)') do
   end
 end
 return {start, false}
-""".replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
+"""
 )
+
+_RESERVE = _RESERVE.replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
+_SETTLE = _SETTLE.replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
 
 # One more HTTP attempt of an admitted call. ARGV[2] its window start, ARGV[3] seconds spent so
 # far, ARGV[4] checks "<index>:<threshold>,...". Returns {1} admitted (one more request used),
@@ -434,6 +441,13 @@ def _no_script_error() -> type:
     return redis.exceptions.NoScriptError
 
 
+def _connection_error() -> type:
+    """A dropped connection (the store restarted): the one error a reserve is re-sent after."""
+    import redis
+
+    return redis.exceptions.ConnectionError
+
+
 def _outage_errors() -> tuple:
     """Every error the store can answer is an outage (down, slow, out of memory, read-only,
     auth): ``store_outage`` decides, never a silent admit."""
@@ -473,7 +487,7 @@ class SharedClient:
         }
         self._reserve_sha = self._scripts["reserve"].sha
         self._no_script: type[Exception] = _no_script_error()
-        self._connection_error = self._outage_error_types[0]
+        self._connection_error: type[Exception] = _connection_error()
         self._connection = _ThreadConnection()
         self._ids = itertools.count(1)
         self._host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64]
@@ -486,7 +500,8 @@ class SharedClient:
         self._pending: dict[SharedBudget, list] = {}  # settles not yet sent, per budget: (lease, actual, where)
         self._sending = 0  # settles taken from _pending whose reply has not arrived
         self._unsettled: list[tuple[Lease, tuple]] = []  # settles the store did not receive
-        self._overflow: dict[tuple[SharedBudget, str], tuple] = {}  # usage owed past MAX_UNSETTLED
+        # usage owed past MAX_UNSETTLED, by (budget name, head, checks, window start): no budget kept alive
+        self._overflow: dict[tuple[str, str, str, str], tuple] = {}
         self._reconcile_due = False
         self._wake = threading.Event()
         self._writer_parked = True  # waiting for work (woken by a settle), not polling
@@ -496,9 +511,17 @@ class SharedClient:
 
     def _after_fork(self) -> None:
         """A forked child gets fresh locks (another thread may hold the parent's), and none of
-        the parent's queued settles or leases (see _start_writer)."""
+        the parent's queued settles, leases or owed usage: the parent sends those itself."""
         self._lock = threading.Lock()
         self._sent = threading.Condition(self._lock)
+        self._pending = {}
+        self._live = {}
+        self._unsettled = []
+        self._overflow = {}
+        self._sending = 0
+        self._reconcile_due = False
+        self._writer_parked = True
+        self._wake = threading.Event()
 
     def budget(
         self, name: str, limits: dict[str, float], window: int | None = None, outage: str = "fail_closed"
@@ -623,7 +646,7 @@ class SharedClient:
                 if left <= 0:
                     return False
                 self._sent.wait(left)
-        return not self._pending
+        return not (self._pending or self._unsettled or self._overflow)
 
     # -- outage ------------------------------------------------------------------------------
     def down(self) -> bool:
@@ -647,39 +670,52 @@ class SharedClient:
                 self._unsettled.append((lease, actual))
                 return
             # past the bound: usage is summed per budget and window; the dropped lease expires on its own
-            key = (lease.budget, lease.start)
-            owed = self._overflow.get(key) or (0,) * len(COUNTERS)
+            key = (lease.budget.name, lease.budget.head, lease.budget.check_text, lease.start)
+            owed = self._overflow.get(key)
+            if owed is None and len(self._overflow) >= MAX_UNSETTLED:
+                log_once(
+                    ("owed-dropped", self.url),
+                    "runguard: more than %d budgets owe usage to the store %s while it is down; the usage of "
+                    "further ones is not added when it answers. Logged once.",
+                    MAX_UNSETTLED,
+                    self.shown_url,
+                )
+                return
+            owed = owed or (0,) * len(COUNTERS)
             self._overflow[key] = tuple(a + b for a, b in zip(owed, actual or (0,) * len(COUNTERS)))
 
     def back_up(self) -> None:
-        """The store answers again: the writer sends what was settled while it was down."""
+        """The store answers again: what calls used while it was down is sent now, by the call
+        that found it back (one pipelined round trip), so later calls are checked against it."""
         self._down_until = 0.0
         if self._unsettled or self._overflow:
-            self._reconcile_due = True
-            self._start_writer()
-            self._wake.set()
+            self._reconcile()
 
     def _reconcile(self) -> None:
+        """Send the owed settles, pipelined; those the store still does not take stay owed."""
         self._reconcile_due = False
         with self._lock:
             owed, self._unsettled = self._unsettled, []
             overflow, self._overflow = self._overflow, {}
-        owed += [(Lease(budget, f"#{self.new_id()}", start), usage) for (budget, start), usage in overflow.items()]
-        if not owed:
-            return
-        logger.warning(
-            "runguard: the shared budgets' store %s answers again; reconciling %d call(s)", self.shown_url, len(owed)
-        )
-        for position, (lease, actual) in enumerate(owed):
-            try:
-                _, trip = self.run(lease.budget, "settle", _settle_args(lease, actual))
-            except self._outage_error_types as error:
-                with self._lock:
-                    self._unsettled[:0] = owed[position:]
-                self.mark_down(error)
+            if not owed and not overflow:
                 return
-            if trip:
-                RUNTIME.events.tripped(lease.budget.trip(trip), lease.budget.scope)
+            self._sending += len(owed) + len(overflow)
+        settles = [(lease, actual, None) for lease, actual in owed]
+        for (budget_name, head, check_text, start), usage in overflow.items():
+            budget = self._overflow_budget(budget_name, head, check_text)
+            settles.append((Lease(budget, f"#{self.new_id()}", start), usage, None))
+        logger.warning(
+            "runguard: the shared budgets' store %s answers again; reconciling %d call(s)",
+            self.shown_url,
+            len(settles),
+        )
+        self._send(settles)
+
+    def _overflow_budget(self, name: str, head: str, check_text: str) -> SharedBudget:
+        """A budget object for usage folded past the bound (its keys and checks, as recorded)."""
+        budget = SharedBudget(self, name, {})
+        budget.head, budget.check_text = head, check_text
+        return budget
 
     # -- the writer thread ---------------------------------------------------------------------
     def _start_writer(self) -> None:
@@ -688,12 +724,6 @@ class SharedClient:
             with self._lock:
                 if self._writer_pid != _PID[0]:
                     self._writer_pid = _PID[0]
-                    # a forked child sends none of its parent's settles, nor renews its leases
-                    self._pending.clear()
-                    self._live.clear()
-                    self._unsettled.clear()
-                    self._overflow.clear()
-                    self._sending = 0
                     self._writer_parked = True
                     threading.Thread(target=self._write, name="runguard-shared-budget", daemon=True).start()
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
 from typing import Any
 
+from ._config import parse_budget_name
 from ._errors import RunGuardConfigError, RunGuardTripped
+from ._runtime import log_once
 from ._scopes import session
 
 
@@ -62,4 +65,23 @@ class RequestLimits:
         budget = self.shared(request)
         if budget is None:
             return self.unshared
-        return {**self.limits, "shared_budget": budget}
+        return {**self.limits, "shared_budget": budget_name(budget)}
+
+
+def budget_name(value: object) -> str:
+    """A budget name taken from a request, as a valid one: a name that is not one (a tenant header
+    with a space, a brace, 300 characters) becomes ``sha256:<its hash>``, the same budget every
+    time it comes, never an error page and never a way around the tenant's ceiling."""
+    text = value if isinstance(value, str) else str(value)
+    try:
+        name = parse_budget_name(text)
+    except RunGuardConfigError:
+        name = None
+    if name is not None:
+        return name
+    log_once(
+        ("budget-name-hashed",),
+        "runguard: a shared budget name from a request is not a valid name; it is charged as "
+        "'sha256:<hash of the name>'. Logged once.",
+    )
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:40]

@@ -139,6 +139,14 @@ def test_report_filters_by_experiment_and_since(fleet):
     assert dated["runs"] == 8
 
 
+def test_paging_reads_every_run_once(fleet, monkeypatch):
+    whole = _report.build(tracking_uri=fleet)
+    monkeypatch.setattr(_report, "PAGE_SIZE", 2)  # 8 runs, 3 experiments: several pages each
+    paged = _report.build(tracking_uri=fleet)
+    assert {k: v for k, v in paged.items() if k != "since"} == {k: v for k, v in whole.items() if k != "since"}
+    assert paged["runs"] == 8
+
+
 def test_report_table_for_people(fleet):
     result = cli("report", "--tracking-uri", fleet)
     assert result.returncode == 0, result.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ import pytest
 import redis
 
 import runguard_autolog as runguard
-from runguard_autolog import _runtime, _shared, asgi, wsgi
+from runguard_autolog import _runtime, _shared, _web, asgi, wsgi
 from runguard_autolog.testing import Reply
 
 from .conftest import MESSAGES, MODEL
@@ -33,7 +34,7 @@ def chat(client: openai.OpenAI, **extra) -> object:
 def window(url: str, budget: str) -> dict[str, float]:
     """The budget's counters as the store keeps them (window 0: no window)."""
     raw = redis.Redis.from_url(url).hgetall(f"runguard:{{{budget}}}:w:0")
-    return {key.decode(): float(value) for key, value in raw.items() if key != b"trip"}
+    return {key.decode(): float(value) for key, value in raw.items() if key not in (b"trip", b"cfg")}
 
 
 def leases(url: str, budget: str) -> int:
@@ -193,7 +194,8 @@ def test_many_tenants_keep_client_state_bounded(client, server, redis_url, name)
     once its calls have settled (the benchmark runs 10,000 tenants over 100,000 requests)."""
     runguard.autolog(store=redis_url, max_calls="none")
     store_client = _runtime.RUNTIME.store.client
-    chat(client)  # the writer thread and this thread's connection exist from here on
+    assert tenant_call(client, f"tenant:{name}:warm", shared_max_calls=5) == "ok"
+    assert runguard.flush()  # the writer thread and this thread's connections exist from here on
     threads_before = threading.active_count()
     connections_before = len(redis.Redis.from_url(redis_url).client_list())
     for i in range(1000):
@@ -266,3 +268,257 @@ def test_shared_client_is_one_per_store_and_closed_when_the_store_changes(redis_
     runguard.autolog(store=private_redis.url)
     assert _runtime.RUNTIME.store.client is not first and first._stopping
     assert first not in _shared._CLIENTS.values()
+
+
+def _oom(url: str, on: bool) -> None:
+    admin = redis.Redis.from_url(url)
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", "1" if on else "0")
+
+
+# -- faults: outages, forks, many tenants ------------------------------------------------------------
+# flush() used to return while the writer is still reconciling a tenant's fail_open usage ----------
+def test_flush_waits_for_the_writers_reconcile(client, server, private_redis, name):
+    runguard.autolog(store=private_redis.url, max_calls="none", store_outage="fail_open")
+    tenant = f"tenant:{name}"
+    assert tenant_call(client, tenant, shared_max_calls=10**6) == "ok"
+    runguard.flush()
+    _oom(private_redis.url, True)
+    n = 1500
+    for _ in range(n):  # admitted on local limits while the store refuses writes: owed
+        assert tenant_call(client, tenant, shared_max_calls=10**6) == "ok"
+    _oom(private_redis.url, False)
+    time.sleep(1.1)
+    assert tenant_call(client, tenant, shared_max_calls=10**6) == "ok"  # back up: the writer reconciles
+    time.sleep(0.08)  # the writer has taken the owed settles and is sending them one by one
+    assert runguard.flush()  # "True when everything was written"
+    assert window(private_redis.url, tenant).get("u0") == server.count() == n + 2
+
+
+# flush() says True while settles are owed to a store that is down --------------------------
+def test_flush_is_not_true_while_usage_is_owed(client, server, private_redis, name):
+    runguard.autolog(store=private_redis.url, max_calls="none", store_outage="fail_open")
+    tenant = f"tenant:{name}"
+    assert tenant_call(client, tenant, shared_max_calls=100) == "ok"
+    runguard.flush()
+    _oom(private_redis.url, True)
+    assert tenant_call(client, tenant, shared_max_calls=100) == "ok"
+    written = runguard.flush(1.0)
+    in_store = window(private_redis.url, tenant).get("u0")
+    _oom(private_redis.url, False)
+    assert (written, in_store) != (True, 1.0)  # True, yet the second call is not in the store
+
+
+# a child forked while the store is marked down loses its fail_open usage --------------------
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() with threads: on purpose
+def test_child_forked_during_outage_keeps_its_owed_usage(client, server, private_redis, name):
+    runguard.autolog(store=private_redis.url, max_calls="none", store_outage="fail_open")
+    tenant = f"tenant:{name}"
+    assert tenant_call(client, tenant, shared_max_calls=100) == "ok"  # writer started in the parent
+    runguard.flush()
+    _oom(private_redis.url, True)
+    assert tenant_call(client, tenant, shared_max_calls=100) == "ok"  # marks the store down
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for _ in range(5):  # the child inherits "down": admitted, owed
+                assert tenant_call(client, tenant, shared_max_calls=100) == "ok"
+            _oom(private_redis.url, False)
+            time.sleep(1.1)
+            assert tenant_call(client, tenant, shared_max_calls=100) == "ok"  # store back
+            runguard.flush()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    runguard.flush()
+    assert server.count() == 8
+    assert window(private_redis.url, tenant).get("u0") == 8  # 1 + 1 (parent) + 5 + 1 (child)
+
+
+# a tenant name taken from the request that fails validation breaks the request --------------
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_a_bad_tenant_header_does_not_500(server, redis_url, name, kind):
+    runguard.autolog(store=redis_url, max_calls="none")
+    routes = Routes()
+
+    def of_scope(scope):
+        tenant = dict(scope["headers"]).get(b"x-tenant")
+        return None if tenant is None else f"tenant:{tenant.decode()}"
+
+    def of_environ(environ):
+        tenant = environ.get("HTTP_X_TENANT")
+        return None if tenant is None else f"tenant:{tenant}"
+
+    if kind == "asgi":
+        app = asgi.RunGuardMiddleware(starlette_app(server.base_url, routes), shared_budget=of_scope,
+                                      shared_max_calls=3)
+        serving = serve_asgi(app)
+    else:
+        app = flask_app(server.base_url, routes)
+        app.wsgi_app = wsgi.RunGuardMiddleware(app.wsgi_app, shared_budget=of_environ, shared_max_calls=3)
+        serving = serve_wsgi(app)
+    with serving as base:
+        tenant = f"acme corp {name} {kind}"  # a space: not a valid budget name
+        statuses = [httpx.get(f"{base}/llm?n=1", headers={"x-tenant": tenant}).status_code for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]  # the same (hashed) budget each time: no way around its ceiling
+    hashed = _web.budget_name(f"tenant:{tenant}")
+    assert hashed.startswith("sha256:") and runguard.current_shared(hashed).calls == 3
+
+
+# client state during a fail_open outage grows with the number of tenants ---------------------
+def test_owed_state_is_bounded_however_many_tenants(client, server, private_redis, name, monkeypatch):
+    monkeypatch.setattr(_shared, "MAX_UNSETTLED", 10)  # stands for 10,000 owed settles
+    runguard.autolog(store=private_redis.url, max_calls="none", store_outage="fail_open")
+    store_client = _runtime.RUNTIME.store.client
+    chat(client)
+    _oom(private_redis.url, True)
+    for i in range(500):
+        assert tenant_call(client, f"tenant:{name}:{i}", shared_max_calls=5) == "ok"
+    gc.collect()
+    owed = len(store_client._unsettled) + len(store_client._overflow)
+    budgets = len(store_client._budgets)  # alive: the owed entries' (10), not one per tenant (500)
+    _oom(private_redis.url, False)
+    assert owed <= 10 + 10 and budgets <= 10 + 2, (owed, budgets)
+
+
+# Redis keys of an idle tenant never expire ------------------------------------------------
+def test_an_idle_windowed_tenant_leaves_no_key_forever(client, server, redis_url, name):
+    runguard.autolog(store=redis_url, max_calls="none")
+    tenant = f"tenant:{name}"
+    assert tenant_call(client, tenant, shared_max_calls=5, shared_window="minute") == "ok"
+    assert runguard.flush()
+    admin = redis.Redis.from_url(redis_url)
+    forever = [k.decode() for k in admin.scan_iter(match=f"runguard:{{{tenant}}}:*") if admin.ttl(k) == -1]
+    assert forever == []
+
+
+# stress: two budgets per call, refusals from either, retries refused by either -------------
+def _hash(url, budget):
+    raw = redis.Redis.from_url(url).hgetall(f"runguard:{{{budget}}}:w:0")
+    return {k.decode(): (v.decode() if k in (b"trip", b"cfg") else float(v)) for k, v in raw.items()}
+
+
+def test_stress_two_budgets_counts_and_holds(server, redis_url, name):
+    import random
+
+    rng = random.Random(7)
+    runguard.autolog(store=redis_url, shared_budget=f"{name}-all", shared_max_requests=150, shared_max_calls=1000,
+                     max_calls="none", max_requests="none")
+    server.default = lambda body: Reply(status=500) if rng.random() < 0.4 else Reply(delay=0.002)
+    client = openai.OpenAI(base_url=server.base_url, api_key="t", max_retries=2)
+    tenants = [f"tenant:{name}:{i}" for i in range(4)]
+
+    def work(worker):
+        out = []
+        for _ in range(20):
+            t = tenants[(worker + _) % 4]
+            try:
+                with runguard.session(shared_budget=t, shared_max_requests=30):
+                    chat(client, extra_headers={"x-t": t})
+                out.append("ok")
+            except runguard.RunGuardTripped as e:
+                out.append(e.limit)
+            except openai.APIStatusError:
+                out.append("500")
+        return out
+
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(work, range(12)))
+    assert runguard.flush()
+    time.sleep(0.2)
+    assert runguard.flush()
+    per_tenant = {t: sum(1 for r in server.requests if r["headers"].get("x-t") == t) for t in tenants}
+    admin = redis.Redis.from_url(redis_url)
+    report = {}
+    for b in [f"{name}-all", *tenants]:
+        h = _hash(redis_url, b)
+        report[b] = (h.get("u1"), [h.get(f"r{i}", 0) for i in range(7)], admin.zcard(f"runguard:{{{b}}}:leases"))
+    expected = {f"{name}-all": server.count(), **per_tenant}
+    bad = {b: (report[b], expected[b]) for b in report
+           if report[b][0] != expected[b] or any(report[b][1]) or report[b][2]}
+    assert not bad, bad
+
+
+# after a fail_open outage, calls are admitted before the owed usage is applied ------------
+def test_owed_usage_lands_before_new_calls_are_admitted(client, server, private_redis, name):
+    runguard.autolog(store=private_redis.url, max_calls="none", store_outage="fail_open")
+    tenant = f"tenant:{name}"
+    assert tenant_call(client, tenant, shared_max_calls=6) == "ok"
+    runguard.flush()
+    _oom(private_redis.url, True)
+    for _ in range(4):  # the store refuses writes: admitted on local limits, owed
+        assert tenant_call(client, tenant, shared_max_calls=6) == "ok"
+    _oom(private_redis.url, False)
+    time.sleep(1.1)
+    results = [tenant_call(client, tenant, shared_max_calls=6) for _ in range(10)]
+    runguard.flush()
+    # 5 calls were sent before; the ceiling of 6 leaves room for exactly one more once the store answers
+    assert results.count("ok") == 1, (results, window(private_redis.url, tenant))
+
+
+# tenant leases of a long call are renewed (lease 1 s) ---------------------------------------
+def test_long_tenant_call_lease_is_renewed(server, private_redis, name):
+    runguard.autolog(store=private_redis.url, shared_budget=f"{name}-all", max_calls="none", shared_lease_s=1)
+    client = openai.OpenAI(base_url=server.base_url, api_key="t", max_retries=0)
+    tenant = f"tenant:{name}"
+    server.default = Reply(delay=3.0)
+    t = threading.Thread(target=tenant_call, args=(client, tenant), kwargs={"shared_max_calls": 5})
+    t.start()
+    time.sleep(2.0)
+    admin = redis.Redis.from_url(private_redis.url)
+    now_ms = time.time() * 1000
+    scores = [s for b in (tenant, f"{name}-all")
+              for _, s in admin.zrange(f"runguard:{{{b}}}:leases", 0, -1, withscores=True)]
+    t.join()
+    assert len(scores) == 2 and min(scores) > now_ms, (scores, now_ms)
+
+
+# a child forked while the writer is mid-send: flush() in the child hangs then says False ----
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() with threads: on purpose
+def test_child_forked_mid_send_can_flush(client, server, private_redis, name):
+    runguard.autolog(store=private_redis.url, max_calls="none")
+    tenant = f"tenant:{name}"
+    assert tenant_call(client, tenant, shared_max_calls=100) == "ok"
+    runguard.flush()
+    assert tenant_call(client, tenant, shared_max_calls=100) == "ok"  # its settle is queued for the writer
+    sleeper = threading.Thread(target=lambda: redis.Redis.from_url(private_redis.url).execute_command(
+        "DEBUG", "SLEEP", "0.2"))
+    sleeper.start()
+    time.sleep(0.1)  # the writer has taken the settle and waits for its reply
+    pid = os.fork()
+    if pid == 0:
+        t0 = time.monotonic()
+        sending = _runtime.RUNTIME.store.client._sending
+        ok = runguard.flush(1.5)
+        os._exit(0 if ok and time.monotonic() - t0 < 1.0 else 10 + sending)
+    sleeper.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+# a reserve that times out is sent again: a frozen store costs a call two timeouts ----------
+def test_a_frozen_store_costs_one_timeout(client, server, private_redis, name):
+    runguard.autolog(store=private_redis.url, max_calls="none")
+    tenant = f"tenant:{name}"
+    assert tenant_call(client, tenant, shared_max_calls=5) == "ok"
+    private_redis.freeze()
+    try:
+        t0 = time.monotonic()
+        outcome = tenant_call(client, tenant, shared_max_calls=5)
+        took = time.monotonic() - t0
+    finally:
+        private_redis.thaw()
+    assert outcome.startswith("store_outage")
+    assert took < 0.4, took  # READ_TIMEOUT_S is 0.25
+
+
+# every temporary client (current_shared(name, store=...)) stays registered for fork --------
+def test_current_shared_with_a_store_leaves_nothing_behind(redis_url, name):
+    runguard.autolog(max_calls=5)  # no store configured here: each call opens a temporary client
+    before = len(_runtime.RUNTIME._fork_locks)
+    for _ in range(200):
+        runguard.current_shared(f"tenant:{name}", store=redis_url)
+    assert len(_runtime.RUNTIME._fork_locks) <= max(64, 2 * before) + 1  # bounded, not one per client
