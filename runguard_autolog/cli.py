@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from ._bootstrap import USAGE_EXIT
 
@@ -101,25 +103,33 @@ def main(argv: list[str] | None = None) -> int:
     return USAGE_EXIT
 
 
-def _reset_shared(name: str, store: str | None) -> int:
-    from . import reset_shared
+def _on_shared(name: str, store: str | None, verb: str, action: Callable[[], Any]) -> tuple[int, Any]:
+    """Run ``action`` on a shared budget: (0, its result), or (exit status, None) after one line
+    on stderr: a bad configuration, or a store that did not answer (its password never echoed)."""
     from ._bootstrap import BAD_CONFIG_EXIT
     from ._config import redact
     from ._errors import RunGuardConfigError
 
     try:
-        reset_shared(name, store)
+        return 0, action()
     except RunGuardConfigError as error:
         print(error, file=sys.stderr)
-        return BAD_CONFIG_EXIT
-    except Exception as error:  # the store did not answer: say so without echoing a password
+        return BAD_CONFIG_EXIT, None
+    except Exception as error:
         print(
-            f"runguard: could not reset shared budget {name!r}: {type(error).__name__}: {redact(str(error))}",
+            f"runguard: could not {verb} shared budget {name!r}: {type(error).__name__}: {redact(str(error))}",
             file=sys.stderr,
         )
-        return 1
-    print(f"runguard: shared budget {name!r} reset (counters zeroed, circuit closed)")
-    return 0
+        return 1, None
+
+
+def _reset_shared(name: str, store: str | None) -> int:
+    from . import reset_shared
+
+    status, _ = _on_shared(name, store, "reset", lambda: reset_shared(name, store))
+    if status == 0:
+        print(f"runguard: shared budget {name!r} reset (counters zeroed, circuit closed)")
+    return status
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -149,28 +159,21 @@ def _report(args: argparse.Namespace) -> int:
 
 def _status(name: str, store: str | None, as_json: bool) -> int:
     from . import _budget_named
-    from ._bootstrap import BAD_CONFIG_EXIT
-    from ._config import redact
     from ._counters import COUNTERS
-    from ._errors import RunGuardConfigError
     from ._shared import SharedSnapshot
 
-    temporary = None
-    try:
+    def read() -> tuple[Any, SharedSnapshot]:
         budget, temporary = _budget_named(name, store)
-        snapshot = SharedSnapshot(budget, window_known=False)
-    except RunGuardConfigError as error:
-        print(error, file=sys.stderr)
-        return BAD_CONFIG_EXIT
-    except Exception as error:  # the store did not answer: say so without echoing a password
-        print(
-            f"runguard: could not read shared budget {name!r}: {type(error).__name__}: {redact(str(error))}",
-            file=sys.stderr,
-        )
-        return 1
-    finally:
-        if temporary is not None:
-            temporary.close()
+        try:
+            return budget, SharedSnapshot(budget, window_known=False)
+        finally:
+            if temporary is not None:
+                temporary.close()
+
+    status, found = _on_shared(name, store, "read", read)
+    if status:
+        return status
+    budget, snapshot = found
     trip = snapshot.tripped
     state = {
         "budget": budget.name,

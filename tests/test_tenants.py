@@ -224,20 +224,20 @@ def _tenant_of_environ(environ) -> str | None:
     return None if tenant is None else f"tenant:{tenant}"
 
 
+def serve_tenants(kind: str, base_url: str, **limits):
+    """A Starlette app under uvicorn or a Flask app under werkzeug, its budget named by ``x-tenant``."""
+    if kind == "asgi":
+        app = starlette_app(base_url, Routes())
+        return serve_asgi(asgi.RunGuardMiddleware(app, shared_budget=_tenant_of_scope, **limits))
+    app = flask_app(base_url, Routes())
+    app.wsgi_app = wsgi.RunGuardMiddleware(app.wsgi_app, shared_budget=_tenant_of_environ, **limits)
+    return serve_wsgi(app)
+
+
 @pytest.mark.parametrize("kind", ["asgi", "wsgi"])
 def test_middleware_names_a_budget_per_tenant(server, redis_url, name, kind):
     runguard.autolog(store=redis_url, max_calls="none")
-    routes = Routes()
-    if kind == "asgi":
-        app = asgi.RunGuardMiddleware(
-            starlette_app(server.base_url, routes), shared_budget=_tenant_of_scope, shared_max_calls=3
-        )
-        serving = serve_asgi(app)
-    else:
-        app = flask_app(server.base_url, routes)
-        app.wsgi_app = wsgi.RunGuardMiddleware(app.wsgi_app, shared_budget=_tenant_of_environ, shared_max_calls=3)
-        serving = serve_wsgi(app)
-    with serving as base:
+    with serve_tenants(kind, server.base_url, shared_max_calls=3) as base:
         a, b = f"{name}-a", f"{name}-b"
         statuses_a = [httpx.get(f"{base}/llm?n=1", headers={"x-tenant": a}).status_code for _ in range(5)]
         refused = httpx.get(f"{base}/llm?n=1", headers={"x-tenant": a})
@@ -342,25 +342,7 @@ def test_child_forked_during_outage_keeps_its_owed_usage(client, server, private
 @pytest.mark.parametrize("kind", ["asgi", "wsgi"])
 def test_a_bad_tenant_header_does_not_500(server, redis_url, name, kind):
     runguard.autolog(store=redis_url, max_calls="none")
-    routes = Routes()
-
-    def of_scope(scope):
-        tenant = dict(scope["headers"]).get(b"x-tenant")
-        return None if tenant is None else f"tenant:{tenant.decode()}"
-
-    def of_environ(environ):
-        tenant = environ.get("HTTP_X_TENANT")
-        return None if tenant is None else f"tenant:{tenant}"
-
-    if kind == "asgi":
-        app = asgi.RunGuardMiddleware(starlette_app(server.base_url, routes), shared_budget=of_scope,
-                                      shared_max_calls=3)
-        serving = serve_asgi(app)
-    else:
-        app = flask_app(server.base_url, routes)
-        app.wsgi_app = wsgi.RunGuardMiddleware(app.wsgi_app, shared_budget=of_environ, shared_max_calls=3)
-        serving = serve_wsgi(app)
-    with serving as base:
+    with serve_tenants(kind, server.base_url, shared_max_calls=3) as base:
         tenant = f"acme corp {name} {kind}"  # a space: not a valid budget name
         statuses = [httpx.get(f"{base}/llm?n=1", headers={"x-tenant": tenant}).status_code for _ in range(4)]
     assert statuses == [200, 200, 200, 429]  # the same (hashed) budget each time: no way around its ceiling
