@@ -1,4 +1,5 @@
-"""Offline test kit: a loopback OpenAI-compatible server with scripted replies.
+"""Offline test kit: a loopback OpenAI-compatible server with scripted replies (and, as
+``FakeAnthropicServer``, the Anthropic Messages API).
 
 Use it to test your own agents' guards without a provider::
 
@@ -11,6 +12,7 @@ Use it to test your own agents' guards without a provider::
         assert server.count("/chat/completions") == 2
 """
 
+from .fake_anthropic import FakeAnthropicServer
 from .fake_openai import FakeOpenAIServer, Reply, ToolCall
 
-__all__ = ["FakeOpenAIServer", "Reply", "ToolCall"]
+__all__ = ["FakeAnthropicServer", "FakeOpenAIServer", "Reply", "ToolCall"]

@@ -43,6 +43,8 @@ class Reply:
     include_usage_in_stream: bool | None = None  # None: as the request's stream_options asks
     model: str | None = None
     content_parts: bool = False  # stream each delta's content as a list of text parts (Databricks-style)
+    cache_creation_input_tokens: int = 0  # Anthropic prompt caching (FakeAnthropicServer)
+    cache_read_input_tokens: int = 0
 
 
 class FakeOpenAIServer:
@@ -107,13 +109,17 @@ class FakeOpenAIServer:
             item = self._script.pop(0) if self._script else self.default
         return item(body) if callable(item) else item
 
+    def _answer(self, handler: Any, path: str, body: dict, reply: Reply) -> bool:
+        """Answer routes of another API (a subclass's); False: answer as OpenAI."""
+        return False
+
     def _record(self, path: str, body: dict, headers: dict) -> None:
         with self._lock:
             self.requests.append({"path": path, "body": body, "headers": headers, "time": time.time()})
 
 
 # -- response bodies ---------------------------------------------------------------------
-def _completion_tokens(reply: Reply, body: dict) -> tuple[list[str], int, int]:
+def completion_tokens(reply: Reply, body: dict) -> tuple[list[str], int, int]:
     words = reply.content.split(" ") if reply.content else []
     cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
     if isinstance(cap, int) and cap > 0:
@@ -126,7 +132,7 @@ def _completion_tokens(reply: Reply, body: dict) -> tuple[list[str], int, int]:
 
 
 def _chat_json(reply: Reply, body: dict) -> dict:
-    pieces, prompt, completion = _completion_tokens(reply, body)
+    pieces, prompt, completion = completion_tokens(reply, body)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces) if pieces else None}
     finish = "stop"
     if reply.tool_calls:
@@ -146,7 +152,7 @@ def _chat_json(reply: Reply, body: dict) -> dict:
 
 
 def _chat_chunks(reply: Reply, body: dict):
-    pieces, prompt, completion = _completion_tokens(reply, body)
+    pieces, prompt, completion = completion_tokens(reply, body)
     model = reply.model or body.get("model", "gpt-4o-mini")
 
     def chunk(delta: dict, finish=None, usage=None, choices=True):
@@ -190,7 +196,7 @@ def _chat_chunks(reply: Reply, body: dict):
 
 
 def _completion_json(reply: Reply, body: dict) -> dict:
-    pieces, prompt, completion = _completion_tokens(reply, body)
+    pieces, prompt, completion = completion_tokens(reply, body)
     return {
         "id": "cmpl-fake",
         "object": "text_completion",
@@ -257,12 +263,12 @@ def _response_obj(
 
 
 def _responses_json(reply: Reply, body: dict) -> dict:
-    pieces, prompt, completion = _completion_tokens(reply, body)
+    pieces, prompt, completion = completion_tokens(reply, body)
     return _response_obj(reply, body, pieces, prompt, completion)
 
 
 def _responses_events(reply: Reply, body: dict):
-    pieces, prompt, completion = _completion_tokens(reply, body)
+    pieces, prompt, completion = completion_tokens(reply, body)
     created = _response_obj(reply, body, [], 0, 0, status="in_progress")
     yield {"type": "response.created", "sequence_number": 0, "response": created}
     for n, piece in enumerate(pieces, start=1):
@@ -316,6 +322,8 @@ def _handler_for(server: FakeOpenAIServer):
             reply = server._next_reply(body)
             if reply.delay:
                 time.sleep(reply.delay)
+            if server._answer(self, path, body, reply):
+                return
             if reply.status != 200:
                 message = (
                     reply.content if reply.content != "ok" else "Rate limit reached" if reply.status == 429 else "error"
