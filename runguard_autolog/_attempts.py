@@ -56,6 +56,7 @@ class Reader:
     """How to read one transport's response: status, a header, and (rare path) the body."""
 
     status_attribute = "status"  # the response attribute holding the HTTP status
+    in_tuple = False  # the attempt function returns (response, ...) (anthropic's _attempt_request)
 
     def status(self, response: Any) -> int:
         return getattr(response, self.status_attribute)
@@ -82,6 +83,7 @@ def sync_attempt(reader: Reader, current: Callable[[], Call | None] | None = Non
     call this attempt belongs to (``None``: not an LLM attempt, pass through); by default,
     the sync call in flight in this thread."""
     status_of = reader.status_attribute
+    in_tuple = reader.in_tuple
     mark = RUNTIME.in_sync_call
     in_call = RUNTIME.in_call
 
@@ -97,16 +99,17 @@ def sync_attempt(reader: Reader, current: Callable[[], Call | None] | None = Non
         call.retry_due = True  # until this attempt is seen to succeed
         started = _perf()
         try:
-            response = wrapped(*args, **kwargs)
+            result = wrapped(*args, **kwargs)
         finally:
             call.seconds += _perf() - started
         try:
+            response = result[0] if in_tuple else result
             if getattr(response, status_of) < 400:
                 call.retry_due = False
-                return response
+                return result
         except Exception as error:  # not a response we know: degrade, uncounted verdict
             internal_error("reading an attempt's status", error)
-            return response
+            return result
         response, trip = judge(call, reader, response)
         if trip is not None:
             try:
@@ -114,7 +117,7 @@ def sync_attempt(reader: Reader, current: Callable[[], Call | None] | None = Non
             except Exception as error:
                 internal_error("closing a refused response", error)
             stop(call, *trip)
-        return response
+        return (response, *result[1:]) if in_tuple else response
 
     return attempt
 
@@ -122,6 +125,7 @@ def sync_attempt(reader: Reader, current: Callable[[], Call | None] | None = Non
 def async_attempt(reader: Reader):
     """:func:`sync_attempt` for a coroutine function: the call in flight in this task."""
     status_of = reader.status_attribute
+    in_tuple = reader.in_tuple
     in_call = RUNTIME.in_call
 
     async def attempt(wrapped, instance, args, kwargs):
@@ -134,16 +138,17 @@ def async_attempt(reader: Reader):
         call.retry_due = True
         started = _perf()
         try:
-            response = await wrapped(*args, **kwargs)
+            result = await wrapped(*args, **kwargs)
         finally:
             call.seconds += _perf() - started
         try:
+            response = result[0] if in_tuple else result
             if getattr(response, status_of) < 400:
                 call.retry_due = False
-                return response
+                return result
         except Exception as error:  # not a response we know: degrade, uncounted verdict
             internal_error("reading an attempt's status", error)
-            return response
+            return result
         response, trip = judge(call, reader, response)
         if trip is not None:
             try:
@@ -151,7 +156,7 @@ def async_attempt(reader: Reader):
             except Exception as error:
                 internal_error("closing a refused response", error)
             stop(call, *trip)
-        return response
+        return (response, *result[1:]) if in_tuple else response
 
     return attempt
 
@@ -174,7 +179,7 @@ def judge(call: Call, reader: Reader, response: Any) -> tuple[Any, tuple | None]
     stop here)."""
     try:
         status = reader.status(response)
-        if status == 429:
+        if status == 429 or status == 529:  # 529: Anthropic's "overloaded", a throttle too
             response, text = reader.text(response)
             retry_after = parse_retry_after(reader.header(response, "retry-after"))
             if any(word in text.lower() for word in _REFUSAL_WORDS):

@@ -23,7 +23,7 @@ from .pricing import refresh as refresh_prices
 _INF = float("inf")
 _UNPRICED = (0.0, 0.0, 0.0)  # a model genai-prices does not know costs 0 (documented)
 _MISSING = object()
-Usage = tuple  # (input tokens, output tokens, cached input tokens)
+Usage = tuple  # (input tokens, output tokens, cached input tokens[, input tokens written to a prompt cache])
 
 
 class Endpoint:
@@ -143,13 +143,16 @@ class Call(Reservation):
     seconds: float
     stopped: RunGuardTripped | None
 
-    def amounts(self, input_tokens: float, output_tokens: float, cached: float = 0) -> tuple:
-        """The counters (see ``_counters.COUNTERS``) this usage adds, priced."""
+    def amounts(self, input_tokens: float, output_tokens: float, cached: float = 0, written: float = 0) -> tuple:
+        """The counters (see ``_counters.COUNTERS``) this usage adds, priced (``written``: input
+        tokens written to a prompt cache, priced apart by providers that charge for it)."""
         flat = self.flat
-        if flat is not None:
+        if flat is not None and not written:
             cost = (input_tokens - cached) * flat[0] + output_tokens * flat[1] + cached * flat[2]
+        elif self.rates is not None:
+            cost = self.rates.cost(input_tokens, output_tokens, cached, written)
         else:
-            cost = self.rates.cost(input_tokens, output_tokens, cached)
+            cost = 0.0
         count = self.count
         return (count, count, input_tokens, output_tokens, input_tokens + output_tokens, cost, self.seconds)
 

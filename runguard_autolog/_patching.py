@@ -29,6 +29,7 @@ from ._runtime import RUNTIME, internal_error, log_once
 # integration module path -> its root SDK module (imported lazily: nothing here imports an SDK)
 INTEGRATIONS = {
     "runguard_autolog.integrations.openai": "openai",
+    "runguard_autolog.integrations.anthropic": "anthropic",
     "runguard_autolog.integrations.mlflow_runs": "mlflow",
     "runguard_autolog.integrations.langchain": "langchain_core",
     "runguard_autolog.integrations.mlflow_deployments": "mlflow.deployments",
@@ -39,6 +40,7 @@ INTEGRATIONS = {
 # the names users give to ``disabled_integrations`` (RUNGUARD_DISABLED_INTEGRATIONS)
 NAMES = {
     "openai": "runguard_autolog.integrations.openai",
+    "anthropic": "runguard_autolog.integrations.anthropic",
     "runs": "runguard_autolog.integrations.mlflow_runs",
     "langchain": "runguard_autolog.integrations.langchain",
     "deployments": "runguard_autolog.integrations.mlflow_deployments",

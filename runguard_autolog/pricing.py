@@ -48,7 +48,7 @@ class _Price:
 class Rates:
     """Per-token USD rates of one model."""
 
-    __slots__ = ("cache_read", "context_window", "flat", "input", "model", "output")
+    __slots__ = ("cache_read", "cache_write", "context_window", "flat", "input", "model", "output")
 
     def __init__(self, model: str, model_price: Any, context_window: int | None) -> None:
         self.model = model
@@ -56,20 +56,25 @@ class Rates:
         self.output = _Price(getattr(model_price, "output_mtok", None))
         cache_read = getattr(model_price, "cache_read_mtok", None)
         self.cache_read = _Price(cache_read) if cache_read is not None else self.input
+        cache_write = getattr(model_price, "cache_write_mtok", None)  # Anthropic's prompt-cache writes
+        self.cache_write = _Price(cache_write) if cache_write is not None else self.input
         self.context_window = context_window
-        tiered = self.input.tiers or self.output.tiers or self.cache_read.tiers
+        tiered = self.input.tiers or self.output.tiers or self.cache_read.tiers or self.cache_write.tiers
         # (input, output, cached-input) USD per token when no tier applies: lets the hot path
         # price a call with three multiplications and no call
         self.flat = None if tiered else (self.input.base, self.output.base, self.cache_read.base)
 
-    def cost(self, input_tokens: float, output_tokens: float, cached_tokens: float = 0) -> float:
+    def cost(self, input_tokens: float, output_tokens: float, cached_tokens: float = 0, written: float = 0) -> float:
+        """USD for ``input_tokens`` (all of them: ``cached_tokens`` read from a prompt cache and
+        ``written`` to one included), ``output_tokens``."""
         flat = self.flat
-        if flat is not None:
+        if flat is not None and not written:
             return (input_tokens - cached_tokens) * flat[0] + output_tokens * flat[1] + cached_tokens * flat[2]
-        uncached = max(input_tokens - cached_tokens, 0)
+        uncached = max(input_tokens - cached_tokens - written, 0)
         return (
             uncached * self.input.per_token(input_tokens)
             + cached_tokens * self.cache_read.per_token(input_tokens)
+            + written * self.cache_write.per_token(input_tokens)
             + output_tokens * self.output.per_token(input_tokens)
         )
 

@@ -1,5 +1,5 @@
-"""A fault matrix: every guarded LLM entry (each non-``custom`` row of the integrations' ``PATCHES``
-tables) x every fault, one test per fault. :data:`SCENARIOS` calls each entry for real (its SDK
+"""A fault matrix: every guarded LLM entry (each row of the integrations' ``PATCHES`` tables with
+an endpoint) x every fault, one test per fault. :data:`SCENARIOS` calls each entry for real (its SDK
 against the loopback fake server); an entry without one fails every cell, and each call sent is
 checked to have gone through that very entry (``entry_spy``), not a neighbour."""
 
@@ -15,6 +15,7 @@ from operator import attrgetter
 from typing import Any
 from unittest import mock
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -34,6 +35,7 @@ from mlflow.metrics.genai import model_utils
 import runguard_autolog as runguard
 from runguard_autolog import _runtime
 from runguard_autolog._patching import PatchSpec
+from runguard_autolog.integrations import anthropic as anthropic_integration
 from runguard_autolog.integrations import langchain, mlflow_deployments, mlflow_evaluation
 from runguard_autolog.integrations import openai as openai_integration
 from runguard_autolog.testing import Reply
@@ -43,7 +45,7 @@ from ._servers import free_port
 MODEL = "gpt-4o-mini"
 MESSAGES = [{"role": "user", "content": "hello"}]
 CONTENT = "alpha beta gamma"  # the fake server's reply; each scenario returns the text it read
-TABLES = (openai_integration, langchain, mlflow_deployments, mlflow_evaluation)
+TABLES = (openai_integration, anthropic_integration, langchain, mlflow_deployments, mlflow_evaluation)
 REDIS_URL = os.environ.get("RG_TEST_REDIS_URL")  # read at collection: conftest clears RUNGUARD_*
 RETRY_WINDOW = 0.6  # s after a timeout: longer than the openai SDK's first backoff (0.375-0.5 s)
 
@@ -98,6 +100,34 @@ responses_stream, aresponses_stream = _openai(
     "responses-stream", "responses.create", lambda events: "".join(
         event.delta for event in events if event.type == "response.output_text.delta"), stream=True, **RESPONSE)
 responses_parse, aresponses_parse = _openai("responses-parse", "responses.parse", lambda r: r.output_text, **RESPONSE)
+
+
+# -- anthropic ------------------------------------------------------------------------------
+CLAUDE = {"model": "claude-3-5-haiku-latest", "max_tokens": 100, "messages": MESSAGES}
+
+
+def _anthropic(id: str, how: str, is_async: bool) -> Scenario:
+    """``messages.create`` (``how="create"``), ``create(stream=True)`` (``"events"``) or
+    ``messages.stream`` (``"stream"``) on anthropic.Anthropic or AsyncAnthropic, read as text."""
+    sdk = anthropic.AsyncAnthropic if is_async else anthropic.Anthropic
+
+    async def call(server, **client):
+        messages = sdk(base_url=server.base_url.removesuffix("/v1"), api_key="t", max_retries=0, **client).messages
+        if how == "stream":
+            if is_async:
+                async with messages.stream(**CLAUDE) as stream:
+                    return "".join([text async for text in stream.text_stream])
+            with messages.stream(**CLAUDE) as stream:
+                return "".join(stream.text_stream)
+        result = messages.create(**CLAUDE, stream=how == "events")
+        if is_async:
+            result = await result
+        if how == "create":
+            return result.content[0].text
+        events = [event async for event in result] if is_async else list(result)
+        return "".join(e.delta.text for e in events if e.type == "content_block_delta" and e.delta.type == "text_delta")
+
+    return Scenario(id, call, anthropic.InternalServerError, anthropic.APITimeoutError, how != "create")
 
 
 # -- LangChain ------------------------------------------------------------------------------
@@ -200,7 +230,13 @@ PREDICT_TIMEOUT = "MLFLOW_DEPLOYMENT_PREDICT_TIMEOUT"
 _CHAT_MOD, _COMPLETIONS, _EMBEDDINGS, _RESPONSES = (f"openai.resources.{name}" for name in (
     "chat.completions", "completions", "embeddings", "responses"))
 _LC_CHAT, _LC_LLM = "langchain_core.language_models.chat_models", "langchain_core.language_models.llms"
+_CLAUDE = "anthropic.resources.messages.messages"
 SCENARIOS: dict[tuple[str, str], tuple[Scenario, ...]] = {
+    (_CLAUDE, "Messages.create"): (_anthropic("claude", "create", False), _anthropic("claude-events", "events", False)),
+    (_CLAUDE, "AsyncMessages.create"): (_anthropic("async-claude", "create", True),
+                                        _anthropic("async-claude-events", "events", True)),
+    (_CLAUDE, "Messages.stream"): (_anthropic("claude-stream", "stream", False),),
+    (_CLAUDE, "AsyncMessages.stream"): (_anthropic("async-claude-stream", "stream", True),),
     (_CHAT_MOD, "Completions.create"): (chat, chat_stream),
     (_CHAT_MOD, "Completions.parse"): (chat_parse,),
     (_CHAT_MOD, "AsyncCompletions.create"): (achat, achat_stream),
@@ -254,7 +290,8 @@ class Entry:
 
 
 def llm_specs() -> list[PatchSpec]:
-    return [spec for table in TABLES for spec in table.PATCHES if spec.driver != "custom"]
+    # an LLM entry reads requests with an endpoint (its wrapper the drivers', or its own around them)
+    return [spec for table in TABLES for spec in table.PATCHES if spec.endpoint is not None]
 
 
 ENTRIES = [

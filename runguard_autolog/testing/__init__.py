@@ -12,7 +12,7 @@ Use it to test your own agents' guards without a provider::
         assert server.count("/chat/completions") == 2
 """
 
-from .fake_anthropic import FakeAnthropicServer
-from .fake_openai import FakeOpenAIServer, Reply, ToolCall
+from .fake_openai import FakeAnthropicServer, FakeOpenAIServer
+from .replies import Reply, ToolCall
 
 __all__ = ["FakeAnthropicServer", "FakeOpenAIServer", "Reply", "ToolCall"]

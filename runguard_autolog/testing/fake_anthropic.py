@@ -2,8 +2,9 @@
 ``count_tokens``, and errors shaped as Anthropic sends them (429 ``rate_limit_error`` with
 ``retry-after``, 529 ``overloaded_error``, ...).
 
-``FakeAnthropicServer`` is the same server as ``FakeOpenAIServer`` (one script, one record of
-requests); only its ``base_url`` differs, as the ``anthropic`` client wants it::
+Every fake server answers these paths; ``FakeAnthropicServer`` is the same server as
+``FakeOpenAIServer`` (one script, one record of requests), its ``base_url`` as the ``anthropic``
+client wants it::
 
     with FakeAnthropicServer() as server:
         client = anthropic.Anthropic(base_url=server.base_url, api_key="test")
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .fake_openai import FakeOpenAIServer, Reply, completion_tokens
+from .replies import Reply, completion_tokens
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -27,31 +28,6 @@ ERROR_TYPES = {
     500: "api_error",
     529: "overloaded_error",
 }
-
-
-class FakeAnthropicServer(FakeOpenAIServer):
-    """The loopback fake server answering ``/v1/messages`` (and ``/v1/messages/count_tokens``)
-    as Anthropic does, addressed as the ``anthropic`` client expects (no ``/v1``); other paths
-    answer as OpenAI."""
-
-    @property
-    def base_url(self) -> str:
-        return super().base_url.removesuffix("/v1")
-
-    def _answer(self, handler: Any, path: str, body: dict, reply: Reply) -> bool:
-        if not is_messages(path):
-            return False
-        if reply.status != 200:
-            handler._send_json(reply.status, reply.body if reply.body is not None else error_json(reply), reply.headers)
-        elif reply.body is not None:
-            handler._send_json(200, reply.body, reply.headers)
-        elif path.endswith("/count_tokens"):
-            handler._send_json(200, count_tokens_json(reply, body), reply.headers)
-        elif body.get("stream") is True:
-            handler._send_sse(message_events(reply, body), reply, done_marker=False, named=True)
-        else:
-            handler._send_json(200, message_json(reply, body), reply.headers)
-        return True
 
 
 def is_messages(path: str) -> bool:

@@ -14,37 +14,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .fake_anthropic import count_tokens_json, error_json, is_messages, message_events, message_json
+from .replies import Reply, ToolCall, completion_tokens
 
-@dataclass
-class ToolCall:
-    name: str
-    arguments: str = "{}"
-
-
-@dataclass
-class Reply:
-    """One scripted answer. ``usage`` is (prompt_tokens, completion_tokens); by default the
-    prompt costs ``prompt_tokens`` and each word of ``content`` one completion token,
-    cut at the request's max-token cap like a real provider."""
-
-    content: str = "ok"
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    usage: tuple[int, int] | None = None
-    prompt_tokens: int = 10
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
-    body: Any = None  # raw JSON body overriding everything (for odd shapes)
-    delay: float = 0.0  # seconds before answering
-    chunk_delay: float = 0.0  # seconds between stream chunks
-    include_usage_in_stream: bool | None = None  # None: as the request's stream_options asks
-    model: str | None = None
-    content_parts: bool = False  # stream each delta's content as a list of text parts (Databricks-style)
-    cache_creation_input_tokens: int = 0  # Anthropic prompt caching (FakeAnthropicServer)
-    cache_read_input_tokens: int = 0
+__all__ = ["FakeAnthropicServer", "FakeOpenAIServer", "Reply", "ToolCall"]
 
 
 class FakeOpenAIServer:
@@ -110,8 +86,21 @@ class FakeOpenAIServer:
         return item(body) if callable(item) else item
 
     def _answer(self, handler: Any, path: str, body: dict, reply: Reply) -> bool:
-        """Answer routes of another API (a subclass's); False: answer as OpenAI."""
-        return False
+        """Answer the Anthropic Messages API (``/v1/messages``, ``/v1/messages/count_tokens``) as
+        Anthropic does; False: another path, answered as OpenAI."""
+        if not is_messages(path):
+            return False
+        if reply.status != 200:
+            handler._send_json(reply.status, reply.body if reply.body is not None else error_json(reply), reply.headers)
+        elif reply.body is not None:
+            handler._send_json(200, reply.body, reply.headers)
+        elif path.endswith("/count_tokens"):
+            handler._send_json(200, count_tokens_json(reply, body), reply.headers)
+        elif body.get("stream") is True:
+            handler._send_sse(message_events(reply, body), reply, done_marker=False, named=True)
+        else:
+            handler._send_json(200, message_json(reply, body), reply.headers)
+        return True
 
     def _record(self, path: str, body: dict, headers: dict) -> None:
         with self._lock:
@@ -119,18 +108,6 @@ class FakeOpenAIServer:
 
 
 # -- response bodies ---------------------------------------------------------------------
-def completion_tokens(reply: Reply, body: dict) -> tuple[list[str], int, int]:
-    words = reply.content.split(" ") if reply.content else []
-    cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-    if isinstance(cap, int) and cap > 0:
-        words = words[:cap]
-    pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
-    if reply.usage is not None:
-        return pieces, reply.usage[0], reply.usage[1]
-    tool_tokens = sum(1 + len(t.arguments) // 4 for t in reply.tool_calls)
-    return pieces, reply.prompt_tokens, len(pieces) + tool_tokens
-
-
 def _chat_json(reply: Reply, body: dict) -> dict:
     pieces, prompt, completion = completion_tokens(reply, body)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces) if pieces else None}
@@ -404,3 +381,12 @@ def _handler_for(server: FakeOpenAIServer):
             self.wfile.flush()
 
     return Handler
+
+
+class FakeAnthropicServer(FakeOpenAIServer):
+    """The same loopback server (one script, one record of requests), addressed as the
+    ``anthropic`` client expects: its ``base_url`` has no ``/v1``."""
+
+    @property
+    def base_url(self) -> str:
+        return super().base_url.removesuffix("/v1")
