@@ -1,0 +1,197 @@
+"""The Anthropic SDK under the breaker: the same ceilings, scopes, exactness under threads and
+asyncio, 429/529 guard, loop detection, prices (prompt-cache reads and writes) and MLflow record
+as openai, driven by the real ``anthropic`` package against the package's fake server."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import mlflow
+import pytest
+from genai_prices import Usage, calc_price
+
+import runguard_autolog as runguard
+from runguard_autolog.testing import Reply, ToolCall
+
+anthropic = pytest.importorskip("anthropic")
+
+MODEL = "claude-3-5-haiku-latest"
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+def claude(server):
+    return anthropic.Anthropic(base_url=server.base_url.removesuffix("/v1"), api_key="t", max_retries=0)
+
+
+@pytest.fixture
+def async_claude(server):
+    return anthropic.AsyncAnthropic(base_url=server.base_url.removesuffix("/v1"), api_key="t", max_retries=0)
+
+
+def ask(client, **extra):
+    return client.messages.create(model=MODEL, max_tokens=extra.pop("max_tokens", 100), messages=MESSAGES, **extra)
+
+
+def test_call_ceiling_is_sticky_and_counts_what_was_sent(claude, server):
+    runguard.autolog(max_calls=3)
+    sent = 0
+    for _ in range(6):
+        try:
+            ask(claude)
+            sent += 1
+        except runguard.RunGuardTripped as error:
+            assert error.limit == "max_calls"
+    assert sent == server.count("/v1/messages") == 3
+    snap = runguard.current()
+    assert (snap.calls, snap.requests, snap.input_tokens, snap.output_tokens) == (3, 3, 30, 3)
+
+
+def test_cost_counts_prompt_cache_reads_and_writes_at_their_own_prices(claude, server):
+    server.default = Reply(usage=(1000, 200), cache_read_input_tokens=4000, cache_creation_input_tokens=3000)
+    runguard.autolog(max_cost_usd=1.0)
+    ask(claude)
+    expected = calc_price(
+        Usage(input_tokens=8000, output_tokens=200, cache_read_tokens=4000, cache_write_tokens=3000),
+        MODEL,
+        provider_id="anthropic",
+    ).total_price
+    snap = runguard.current()
+    assert snap.input_tokens == 8000 and snap.output_tokens == 200
+    assert snap.cost_usd == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_max_tokens_bounds_the_forecast_so_a_cost_ceiling_is_never_overshot(claude, server):
+    server.default = Reply(content=" ".join(["w"] * 400))
+    runguard.autolog(max_cost_usd=0.004, max_calls="none")
+    sent = 0
+    for _ in range(20):
+        try:
+            ask(claude, max_tokens=300)
+            sent += 1
+        except runguard.RunGuardTripped as error:
+            assert error.limit == "max_cost_usd"
+            break
+    assert runguard.current().cost_usd <= 0.004
+    assert sent == server.count("/v1/messages") and sent >= 1
+
+
+def test_count_tokens_is_not_billed(claude, server):
+    runguard.autolog(max_calls=1)
+    ask(claude)
+    for _ in range(3):
+        assert claude.messages.count_tokens(model=MODEL, messages=MESSAGES).input_tokens == 10
+    assert runguard.current().calls == 1
+    assert server.count("/v1/messages/count_tokens") == 3
+
+
+def test_exact_under_threads(server):
+    client = anthropic.Anthropic(base_url=server.base_url.removesuffix("/v1"), api_key="t", max_retries=0)
+    server.default = Reply(delay=0.005)
+    runguard.autolog(max_calls=25)
+
+    def work(_):
+        done = 0
+        for _ in range(10):
+            try:
+                ask(client)
+                done += 1
+            except runguard.RunGuardTripped:
+                return done
+        return done
+
+    with ThreadPoolExecutor(16) as pool:
+        assert sum(pool.map(work, range(16))) == server.count("/v1/messages") == 25
+
+
+async def test_exact_under_asyncio(async_claude, server):
+    runguard.autolog(max_calls=17)
+
+    async def one():
+        try:
+            await async_claude.messages.create(model=MODEL, max_tokens=10, messages=MESSAGES)
+            return 1
+        except runguard.RunGuardTripped:
+            return 0
+
+    assert sum(await asyncio.gather(*(one() for _ in range(40)))) == server.count("/v1/messages") == 17
+
+
+def test_streams_settle_their_usage_in_both_forms(claude, server):
+    server.default = Reply(content="one two three four", usage=(50, 4))
+    runguard.autolog()
+    with claude.messages.stream(model=MODEL, max_tokens=50, messages=MESSAGES) as stream:
+        assert "".join(stream.text_stream) == "one two three four"
+    events = list(ask(claude, stream=True))
+    assert events[-1].type == "message_stop"
+    snap = runguard.current()
+    assert (snap.calls, snap.input_tokens, snap.output_tokens) == (2, 100, 8)
+
+
+def test_a_stream_is_cut_mid_flight_when_its_output_crosses_the_ceiling(claude, server):
+    """Output beyond the request's own cap (a proxy that ignores it) is cut as it streams."""
+    server.default = Reply(content=" ".join(["w"] * 300), chunk_delay=0.001, usage=(10, 300))
+    runguard.autolog(max_output_tokens=60)
+    received = 0
+    with pytest.raises(runguard.RunGuardTripped) as cut:
+        for event in ask(claude, stream=True, max_tokens=50, extra_body={"max_tokens": 1000}):
+            received += event.type == "content_block_delta"
+    assert cut.value.limit == "max_output_tokens"
+    assert received < 100
+
+
+def test_sdk_retries_are_requests_and_429s_trip_with_retry_after(server):
+    client = anthropic.Anthropic(base_url=server.base_url.removesuffix("/v1"), api_key="t", max_retries=5)
+    runguard.autolog(max_consecutive_429s=3)
+    server.default = Reply(status=429, headers={"retry-after": "0"})
+    with pytest.raises(runguard.RunGuardTripped) as tripped:
+        ask(client)
+    assert tripped.value.limit == "max_consecutive_429s"
+    assert server.count("/v1/messages") == 3  # the SDK would have retried 5 times
+    server.reset()
+    runguard.reset()
+    server.script(Reply(status=529), Reply(status=500), Reply(content="fine"))
+    runguard.autolog(max_consecutive_429s=5)
+    assert ask(client).content[0].text == "fine"
+    snap = runguard.current()
+    assert (snap.calls, snap.requests) == (1, 3)
+
+
+def test_tool_use_loops_trip_before_the_next_billed_call(claude, server):
+    server.default = Reply(tool_calls=[ToolCall("search", '{"q": "weather", "page": 1}')])
+    runguard.autolog(max_calls=100)
+    messages = list(MESSAGES)
+    with pytest.raises(runguard.RunGuardTripped) as tripped:
+        for _ in range(20):
+            reply = claude.messages.create(model=MODEL, max_tokens=100, messages=messages)
+            messages.append({"role": "assistant", "content": [block.model_dump() for block in reply.content]})
+            tool_use = next(block for block in reply.content if block.type == "tool_use")
+            messages.append({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": tool_use.id, "content": "no result"}]})
+    assert tripped.value.limit == "loop_repeats"
+    assert server.count("/v1/messages") == 3
+    assert "weather" not in str(tripped.value)
+
+
+def test_a_trip_is_recorded_on_the_mlflow_run(claude, server, tracking):
+    runguard.autolog(max_calls=2, agent="claude-agent")
+    with mlflow.start_run() as run:
+        with pytest.raises(runguard.RunGuardTripped):
+            for _ in range(3):
+                ask(claude)
+    runguard.flush()
+    data = mlflow.get_run(run.info.run_id).data
+    assert data.tags["runguard.trip_limit"] == "max_calls"
+    assert data.tags["runguard.agent"] == "claude-agent"
+    assert data.metrics["runguard.calls_at_trip"] == 2
+    assert data.metrics["runguard.tripped"] == 1
+
+
+def test_context_windows_come_from_genai_prices(claude, server):
+    runguard.autolog(max_context_fraction=0.5)
+    big = "word " * 120_000  # about 160k tokens by the conservative estimate: over half of 200k
+    with pytest.raises(runguard.RunGuardTripped) as tripped:
+        claude.messages.create(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": big}])
+    assert tripped.value.limit == "max_context_fraction"
+    assert server.count("/v1/messages") == 0
