@@ -359,7 +359,17 @@ class Setting:
 FLAGS = ("RUNGUARD_AUTOLOG", "RUNGUARD_DISABLE")
 # what ``disabled_integrations`` (RUNGUARD_DISABLED_INTEGRATIONS) may name, as OpenTelemetry's
 # OTEL_PYTHON_DISABLED_INSTRUMENTATIONS does: the integrations runguard patches
-INTEGRATION_NAMES = ("openai", "anthropic", "langchain", "deployments", "evaluation", "artifacts", "runs", "serving")
+INTEGRATION_NAMES = (
+    "openai",
+    "anthropic",
+    "litellm",
+    "langchain",
+    "deployments",
+    "evaluation",
+    "artifacts",
+    "runs",
+    "serving",
+)
 
 
 def parse_integrations(value: Any, where: str = "disabled_integrations") -> frozenset[str]:

@@ -38,15 +38,16 @@ from .pricing import learn_reply_model
 _INF = float("inf")
 
 
-def finish(call: Call, result: Any) -> Any:
-    """After the SDK returned: wrap a stream in its meter, or settle. Returns the result."""
+def finish(call: Call, result: Any, is_async: bool = False) -> Any:
+    """After the SDK returned: wrap a stream in its meter (read as the call was made: sync or
+    async), or settle. Returns the result."""
     endpoint = call.endpoint
     try:
         key = endpoint.stream_key
         if key is not None and call.request.get(key) is True:
             streaming = endpoint.streams(call.request, result)
             if streaming:
-                return meter_stream(result, call)
+                return meter_stream(result, call, is_async)
             if streaming is None:  # a stream it cannot meter: charged its forecast
                 settle(call, None)
                 return result
@@ -131,7 +132,7 @@ def async_driver(endpoint: Endpoint) -> Callable[..., Any]:
                 raise stopped from None
             raise
         in_call.reset(token)
-        return finish(call, result)
+        return finish(call, result, True)
 
     guard.runguard_endpoint = endpoint  # type: ignore[attr-defined]
     return guard

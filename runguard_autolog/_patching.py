@@ -30,6 +30,7 @@ from ._runtime import RUNTIME, internal_error, log_once
 INTEGRATIONS = {
     "runguard_autolog.integrations.openai": "openai",
     "runguard_autolog.integrations.anthropic": "anthropic",
+    "runguard_autolog.integrations.litellm": "litellm",
     "runguard_autolog.integrations.mlflow_runs": "mlflow",
     "runguard_autolog.integrations.langchain": "langchain_core",
     "runguard_autolog.integrations.mlflow_deployments": "mlflow.deployments",
@@ -41,6 +42,7 @@ INTEGRATIONS = {
 NAMES = {
     "openai": "runguard_autolog.integrations.openai",
     "anthropic": "runguard_autolog.integrations.anthropic",
+    "litellm": "runguard_autolog.integrations.litellm",
     "runs": "runguard_autolog.integrations.mlflow_runs",
     "langchain": "runguard_autolog.integrations.langchain",
     "deployments": "runguard_autolog.integrations.mlflow_deployments",

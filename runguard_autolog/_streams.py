@@ -314,15 +314,17 @@ async def _aclose(stream: Any) -> Any:
     return await closer()
 
 
-def _proxy(stream: Any, meter: StreamMeter) -> Any:
-    if hasattr(stream, "__anext__"):
+def _proxy(stream: Any, meter: StreamMeter, is_async: bool | None = None) -> Any:
+    """The proxy for how the stream will be read: ``is_async`` when the call that made it says
+    (litellm's stream is both an iterator and an async iterator), else what it supports."""
+    if hasattr(stream, "__anext__") and (is_async is not False or not hasattr(stream, "__next__")):
         return AsyncStreamProxy(stream, meter)
     return SyncStreamProxy(stream, meter)
 
 
-def meter_stream(stream: Any, call: Call) -> Any:
+def meter_stream(stream: Any, call: Call, is_async: bool | None = None) -> Any:
     """Meter a stream whose request has been sent (the call is admitted)."""
-    return _proxy(stream, StreamMeter(call))
+    return _proxy(stream, StreamMeter(call), is_async)
 
 
 def lazy_stream(stream: Any, endpoint: Endpoint, instance: Any, args: tuple, kwargs: dict) -> Any:

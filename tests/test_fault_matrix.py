@@ -36,6 +36,7 @@ import runguard_autolog as runguard
 from runguard_autolog import _runtime
 from runguard_autolog._patching import PatchSpec
 from runguard_autolog.integrations import anthropic as anthropic_integration
+from runguard_autolog.integrations import litellm as litellm_integration
 from runguard_autolog.integrations import langchain, mlflow_deployments, mlflow_evaluation
 from runguard_autolog.integrations import openai as openai_integration
 from runguard_autolog.testing import Reply
@@ -45,7 +46,7 @@ from ._servers import free_port
 MODEL = "gpt-4o-mini"
 MESSAGES = [{"role": "user", "content": "hello"}]
 CONTENT = "alpha beta gamma"  # the fake server's reply; each scenario returns the text it read
-TABLES = (openai_integration, anthropic_integration, langchain, mlflow_deployments, mlflow_evaluation)
+TABLES = (openai_integration, anthropic_integration, litellm_integration, langchain, mlflow_deployments, mlflow_evaluation)
 REDIS_URL = os.environ.get("RG_TEST_REDIS_URL")  # read at collection: conftest clears RUNGUARD_*
 RETRY_WINDOW = 0.6  # s after a timeout: longer than the openai SDK's first backoff (0.375-0.5 s)
 
@@ -59,6 +60,7 @@ class Scenario:
     stream: bool = False
     expect: Any = CONTENT
     timeout: float = 0.2  # the client timeout to use (MLflow's settings take whole seconds)
+    attempts: int = 1  # HTTP attempts a failing call makes (litellm's embedding keeps the SDK's 2 retries)
 
 
 # -- openai ---------------------------------------------------------------------------------
@@ -128,6 +130,55 @@ def _anthropic(id: str, how: str, is_async: bool) -> Scenario:
         return "".join(e.delta.text for e in events if e.type == "content_block_delta" and e.delta.type == "text_delta")
 
     return Scenario(id, call, anthropic.InternalServerError, anthropic.APITimeoutError, how != "create")
+
+
+# -- litellm ----------------------------------------------------------------------------------
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch its price map
+import litellm  # noqa: E402
+
+
+def _litellm(id: str, function: str, model: str, read: Callable[[Any], Any], expect: Any = CONTENT,
+             attempts: int = 1, **request: Any) -> Scenario:
+    """``litellm.<function>(model=..., **request)`` against the fake server (``anthropic/`` models
+    through litellm's own HTTP client, the rest through the openai SDK), read as text."""
+    stream = request.get("stream") is True
+
+    async def call(server, **client):
+        base = server.base_url.removesuffix("/v1") if model.startswith("anthropic/") else server.base_url
+        result = getattr(litellm, function)(model=model, api_base=base, api_key="t", max_retries=0, **client,
+                                            **request)
+        if function.startswith("a"):
+            result = await result
+            result = [chunk async for chunk in result] if stream else result
+        return read(list(result) if stream else result)
+
+    errors = (openai.InternalServerError, openai.APITimeoutError)
+    if model.startswith("anthropic/"):
+        errors = (litellm.InternalServerError, litellm.Timeout)
+    return Scenario(id, call, *errors, stream, expect, attempts=attempts)
+
+
+def _litellm_text(chunks):
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+
+_GPT, _HAIKU = "openai/gpt-4o-mini", "anthropic/claude-3-5-haiku-latest"
+_LLM_EMBED = "openai/text-embedding-3-small"
+lite_scenarios = {
+    "completion": (
+        _litellm("litellm", "completion", _GPT, _message, messages=MESSAGES),
+        _litellm("litellm-stream", "completion", _GPT, _litellm_text, messages=MESSAGES, stream=True),
+        _litellm("litellm-claude", "completion", _HAIKU, _message, messages=MESSAGES, max_tokens=50),
+    ),
+    "acompletion": (
+        _litellm("async-litellm", "acompletion", _GPT, _message, messages=MESSAGES),
+        _litellm("async-litellm-stream", "acompletion", _GPT, _litellm_text, messages=MESSAGES, stream=True),
+    ),
+    "embedding": (_litellm("litellm-embedding", "embedding", _LLM_EMBED, lambda r: r.data[0]["embedding"],
+                           [0.1, 0.2, 0.3], attempts=3, input=["hello"]),),
+    "aembedding": (_litellm("async-litellm-embedding", "aembedding", _LLM_EMBED, lambda r: r.data[0]["embedding"],
+                            [0.1, 0.2, 0.3], attempts=3, input=["hello"]),),
+}
 
 
 # -- LangChain ------------------------------------------------------------------------------
@@ -232,6 +283,7 @@ _CHAT_MOD, _COMPLETIONS, _EMBEDDINGS, _RESPONSES = (f"openai.resources.{name}" f
 _LC_CHAT, _LC_LLM = "langchain_core.language_models.chat_models", "langchain_core.language_models.llms"
 _CLAUDE = "anthropic.resources.messages.messages"
 SCENARIOS: dict[tuple[str, str], tuple[Scenario, ...]] = {
+    **{("litellm", function): scenarios for function, scenarios in lite_scenarios.items()},
     (_CLAUDE, "Messages.create"): (_anthropic("claude", "create", False), _anthropic("claude-events", "events", False)),
     (_CLAUDE, "AsyncMessages.create"): (_anthropic("async-claude", "create", True),
                                         _anthropic("async-claude-events", "events", True)),
@@ -356,9 +408,9 @@ async def test_provider_500_reaches_the_caller_as_the_sdks_error(entry, server):
     runguard.autolog()
     with pytest.raises(scenario.on_500):
         await invoke(entry, server)
-    assert server.count() == 1
+    assert server.count() == scenario.attempts
     snapshot = runguard.current()
-    assert (snapshot.calls, snapshot.requests) == (0, 1)
+    assert (snapshot.calls, snapshot.requests) == (0, scenario.attempts)
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -369,9 +421,9 @@ async def test_client_timeout_reaches_the_caller_and_is_sent_once(entry, server)
     with pytest.raises(scenario.on_timeout):
         await invoke(entry, server, timeout=scenario.timeout)
     await asyncio.sleep(RETRY_WINDOW)  # a retry would have arrived by now
-    assert server.count() == 1
+    assert server.count() == scenario.attempts
     snapshot = runguard.current()
-    assert (snapshot.calls, snapshot.requests) == (0, 1)
+    assert (snapshot.calls, snapshot.requests) == (0, scenario.attempts)
 
 
 def _internal_errors(caplog, stage: str) -> list:
