@@ -1,0 +1,128 @@
+"""litellm, and LangChain over Anthropic, under the breaker: counted once whether litellm goes
+through the openai SDK underneath or its own HTTP client; ceilings, streams, exactness under
+threads and asyncio, SDK retries. The real ``litellm`` and ``langchain-anthropic`` packages
+against the package's fake server (litellm's price map is read locally, never fetched)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import runguard_autolog as runguard
+from runguard_autolog.testing import Reply
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+litellm = pytest.importorskip("litellm")
+
+GPT, HAIKU = "openai/gpt-4o-mini", "anthropic/claude-3-5-haiku-latest"
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def complete(server, model: str = GPT, **extra):
+    base = server.base_url.removesuffix("/v1") if model.startswith("anthropic/") else server.base_url
+    return litellm.completion(model=model, api_base=base, api_key="t", messages=MESSAGES, max_retries=0, **extra)
+
+
+@pytest.mark.parametrize("model, path", [(GPT, "/chat/completions"), (HAIKU, "/v1/messages")])
+def test_counted_once_through_the_openai_sdk_and_through_its_own_client(server, model, path):
+    runguard.autolog(max_calls=3)
+    sent = 0
+    for _ in range(6):
+        try:
+            complete(server, model, max_tokens=50)
+            sent += 1
+        except runguard.RunGuardTripped as error:
+            assert error.limit == "max_calls"
+    assert sent == server.count(path) == server.count() == 3
+    snap = runguard.current()
+    assert (snap.calls, snap.requests, snap.input_tokens) == (3, 3, 30)
+    assert snap.cost_usd > 0  # priced as litellm routes it (openai / anthropic)
+
+
+def test_prices_follow_litellms_provider_parsing(server):
+    server.default = Reply(usage=(1000, 100))
+    runguard.autolog()
+    complete(server, GPT)
+    openai_cost = runguard.current().cost_usd
+    runguard.reset()
+    complete(server, HAIKU, max_tokens=200)
+    claude_cost = runguard.current().cost_usd
+    assert openai_cost == pytest.approx((1000 * 0.15 + 100 * 0.6) / 1e6)
+    assert claude_cost == pytest.approx((1000 * 0.8 + 100 * 4.0) / 1e6)
+
+
+def test_streams_are_metered_and_cut(server):
+    server.default = Reply(content=" ".join(["w"] * 300), chunk_delay=0.001)
+    runguard.autolog(max_output_tokens=40)
+    received = 0
+    with pytest.raises(runguard.RunGuardTripped) as cut:
+        for _chunk in complete(server, stream=True):
+            received += 1
+    assert cut.value.limit == "max_output_tokens"
+    assert received < 100
+    assert server.count() == 1
+
+
+def test_embeddings_count(server):
+    runguard.autolog(max_calls=2)
+    for _ in range(2):
+        litellm.embedding(model="openai/text-embedding-3-small", api_base=server.base_url, api_key="t", input=["a"])
+    with pytest.raises(runguard.RunGuardTripped):
+        litellm.embedding(model="openai/text-embedding-3-small", api_base=server.base_url, api_key="t", input=["a"])
+    assert server.count("/embeddings") == 2
+
+
+def test_exact_under_threads_and_asyncio(server):
+    server.default = Reply(delay=0.005)
+    runguard.autolog(max_calls=13)
+
+    def work(_):
+        try:
+            complete(server)
+            return 1
+        except runguard.RunGuardTripped:
+            return 0
+
+    with ThreadPoolExecutor(12) as pool:
+        assert sum(pool.map(work, range(30))) == server.count() == 13
+    server.reset()
+    runguard.reset()
+    runguard.autolog(max_calls=7)
+
+    async def one():
+        try:
+            await litellm.acompletion(model=GPT, api_base=server.base_url, api_key="t", messages=MESSAGES,
+                                      max_retries=0)
+            return 1
+        except runguard.RunGuardTripped:
+            return 0
+
+    async def many():
+        return sum(await asyncio.gather(*(one() for _ in range(20))))
+
+    assert asyncio.run(many()) == server.count() == 7
+
+
+def test_sdk_retries_underneath_count_as_requests(server):
+    server.script(Reply(status=500), Reply(status=500), Reply(content="fine"))
+    runguard.autolog(max_requests=10)
+    reply = litellm.completion(model=GPT, api_base=server.base_url, api_key="t", messages=MESSAGES, max_retries=2)
+    assert reply.choices[0].message.content == "fine"
+    snap = runguard.current()
+    assert (snap.calls, snap.requests) == (1, 3) and server.count() == 3
+
+
+def test_langchain_over_anthropic_is_counted_once(server):
+    langchain_anthropic = pytest.importorskip("langchain_anthropic")
+    model = langchain_anthropic.ChatAnthropic(model="claude-3-5-haiku-latest", base_url=server.base_url.removesuffix(
+        "/v1"), api_key="t", max_retries=0, max_tokens=50)
+    runguard.autolog(max_calls=2)
+    assert model.invoke("hello").content == "ok"
+    assert "".join(chunk.content for chunk in model.stream("hello")) == "ok"
+    with pytest.raises(runguard.RunGuardTripped):
+        model.invoke("hello")
+    assert server.count("/v1/messages") == 2
+    assert runguard.current().calls == 2
