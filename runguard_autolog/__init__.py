@@ -97,8 +97,8 @@ def autolog(
     replaces the configuration (it never double-patches or double-counts).
     ``RUNGUARD_DISABLE=1`` is a kill switch: autolog() then leaves every SDK unpatched.
     ``disabled_integrations`` (``RUNGUARD_DISABLED_INTEGRATIONS=artifacts,evaluation``): integrations
-    left unpatched, by the names ``runguard config`` lists (openai, langchain, deployments,
-    evaluation, artifacts, runs); an unknown name is an error.
+    left unpatched, by the names ``runguard config`` lists (openai, anthropic, litellm, langchain,
+    deployments, evaluation, artifacts, runs, serving); an unknown name is an error.
     ``window`` (``RUNGUARD_WINDOW``): ``"minute"``, ``"hour"``, ``"day"`` or seconds: the process
     and run scopes count in fixed windows, starting afresh (counters and circuit) at each
     boundary, so a long-running service is not stopped for good; ``None``: for the process's life.
