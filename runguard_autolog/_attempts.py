@@ -58,6 +58,11 @@ class Reader:
     status_attribute = "status"  # the response attribute holding the HTTP status
     in_tuple = False  # the attempt function returns (response, ...) (anthropic's _attempt_request)
 
+    def response_of(self, error: BaseException) -> Any:
+        """The error response an attempt function raised with (litellm's client raises for a
+        4xx/5xx itself), judged like a returned one; ``None``: not one."""
+        return None
+
     def status(self, response: Any) -> int:
         return getattr(response, self.status_attribute)
 
@@ -100,8 +105,11 @@ def sync_attempt(reader: Reader, current: Callable[[], Call | None] | None = Non
         started = _perf()
         try:
             result = wrapped(*args, **kwargs)
-        finally:
+        except Exception as error:
             call.seconds += _perf() - started
+            judge_raised(call, reader, error)
+            raise
+        call.seconds += _perf() - started
         try:
             response = result[0] if in_tuple else result
             if getattr(response, status_of) < 400:
@@ -139,8 +147,11 @@ def async_attempt(reader: Reader):
         started = _perf()
         try:
             result = await wrapped(*args, **kwargs)
-        finally:
+        except Exception as error:
             call.seconds += _perf() - started
+            judge_raised(call, reader, error)
+            raise
+        call.seconds += _perf() - started
         try:
             response = result[0] if in_tuple else result
             if getattr(response, status_of) < 400:
@@ -172,6 +183,20 @@ def before_retry(call: Call) -> None:
         return
     if refusal is not None:
         stop(call, refusal.scope, refusal.trip, refusal.new)
+
+
+def judge_raised(call: Call, reader: Reader, error: BaseException) -> None:
+    """An attempt raised with its error response: judged as if returned (a trip raises here)."""
+    try:
+        response = reader.response_of(error)
+    except Exception as failure:
+        internal_error("reading a failed attempt", failure)
+        return
+    if response is None:
+        return
+    _, trip = judge(call, reader, response)
+    if trip is not None:
+        stop(call, *trip)
 
 
 def judge(call: Call, reader: Reader, response: Any) -> tuple[Any, tuple | None]:

@@ -126,3 +126,52 @@ def test_langchain_over_anthropic_is_counted_once(server):
         model.invoke("hello")
     assert server.count("/v1/messages") == 2
     assert runguard.current().calls == 2
+
+
+@pytest.mark.parametrize("model", [GPT, HAIKU])
+def test_429s_trip_through_the_openai_sdk_and_through_litellms_own_client(server, model):
+    server.default = Reply(status=429, headers={"retry-after": "0"})
+    runguard.autolog(max_consecutive_429s=2)
+    outcomes = []
+    for _ in range(4):
+        try:
+            complete(server, model, max_tokens=20)
+        except runguard.RunGuardTripped as error:
+            outcomes.append(error.limit)
+        except litellm.RateLimitError:
+            outcomes.append("429")
+    assert outcomes == ["429", "max_consecutive_429s", "max_consecutive_429s", "max_consecutive_429s"]
+    assert server.count() == 2  # the second 429 tripped the scope: nothing more was sent
+    assert runguard.current().requests == 2
+
+
+def test_tool_call_loops_trip(server):
+    from runguard_autolog.testing import ToolCall
+
+    server.default = Reply(tool_calls=[ToolCall("search", '{"q": "weather"}')])
+    runguard.autolog(max_calls=100)
+    messages = list(MESSAGES)
+    tools = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
+    with pytest.raises(runguard.RunGuardTripped) as tripped:
+        for _ in range(10):
+            reply = litellm.completion(model=GPT, api_base=server.base_url, api_key="t", messages=messages,
+                                       tools=tools, max_retries=0)
+            call = reply.choices[0].message.tool_calls[0]
+            messages += [reply.choices[0].message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": "nothing"}]
+    assert tripped.value.limit == "loop_repeats"
+    assert server.count() == 3
+
+
+def test_a_trip_is_recorded_on_the_mlflow_run(server, tracking):
+    import mlflow
+
+    runguard.autolog(max_calls=1, agent="litellm-agent")
+    with mlflow.start_run() as run:
+        complete(server)
+        with pytest.raises(runguard.RunGuardTripped):
+            complete(server)
+    runguard.flush()
+    data = mlflow.get_run(run.info.run_id).data
+    assert data.tags["runguard.trip_limit"] == "max_calls" and data.tags["runguard.agent"] == "litellm-agent"
+    assert data.metrics["runguard.tripped"] == 1 and data.metrics["runguard.calls"] == 1

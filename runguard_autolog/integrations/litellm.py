@@ -148,16 +148,23 @@ EMBEDDING = Endpoint("litellm.embedding", "embedding")
 
 
 class HttpxReader(Reader):
-    """litellm's own HTTP client (``HTTPHandler.post``): it raises for an error status itself, so
-    an attempt that comes back is a success; a failed one is counted as it leaves."""
+    """litellm's own HTTP client (``HTTPHandler.post``): it raises ``httpx.HTTPStatusError`` for
+    an error status itself; that error's response is judged (a 429 feeds the 429 guard)."""
 
     status_attribute = "status_code"
+
+    def response_of(self, error: BaseException) -> Any:
+        response = getattr(error, "response", None)  # httpx.HTTPStatusError (litellm masks its URL)
+        return response if isinstance(getattr(response, "status_code", None), int) else None
 
     def header(self, response: Any, name: str) -> str | None:
         return response.headers.get(name)
 
     def text(self, response: Any) -> tuple[Any, str]:
-        return response, ""
+        try:
+            return response, response.text  # read by raise_for_status() already
+        except Exception:  # a streamed body not read: judged by status alone
+            return response, ""
 
     def close(self, response: Any) -> None:
         response.close()
