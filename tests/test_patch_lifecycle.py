@@ -12,16 +12,21 @@ import wrapt
 
 import runguard_autolog as runguard
 from runguard_autolog import _patching
+from runguard_autolog.integrations import anthropic as anthropic_integration
+from runguard_autolog.integrations import litellm as litellm_integration
 from runguard_autolog.integrations import openai as openai_integration
 
 from .conftest import chat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPECS = openai_integration.PATCHES
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm never fetches its price map
+SPECS = (*openai_integration.PATCHES, *anthropic_integration.PATCHES, *litellm_integration.PATCHES)
 
 
 def _attribute(spec):
     module = importlib.import_module(spec.module)
+    if "." not in spec.attribute:  # a module-level function (litellm.completion)
+        return module, spec.attribute, module.__dict__[spec.attribute]
     owner_name, name = spec.attribute.split(".")
     owner = getattr(module, owner_name)
     return owner, name, owner.__dict__[name]
@@ -70,6 +75,32 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.parametrize(
+    "sdk, call",
+    [
+        ("anthropic", "anthropic.Anthropic(base_url={base!r}.removesuffix('/v1'), api_key='x', max_retries=0)"
+                      ".messages.create(model='claude-3-5-haiku-latest', max_tokens=10, messages=m)"),
+        ("litellm", "litellm.completion(model='openai/gpt-4o-mini', api_base={base!r}, api_key='x', messages=m)"),
+    ],
+)
+def test_autolog_before_importing_another_sdk_patches_it_on_import(server, sdk, call):
+    code = f"""
+import sys, runguard_autolog as r
+r.autolog(max_calls=1)
+assert "{sdk}" not in sys.modules, "autolog must not import the SDK"
+import {sdk}
+m = [{{"role": "user", "content": "hi"}}]
+{call.format(base=server.base_url)}
+try:
+    {call.format(base=server.base_url)}
+except r.RunGuardTripped as e:
+    print("tripped", e.limit)
+"""
+    result = _run(code, LITELLM_LOCAL_MODEL_COST_MAP="True")
+    assert result.stdout.strip().splitlines()[-1] == "tripped max_calls", result.stderr[-2000:]
+    assert server.count() == 1
+
+
 def test_autolog_before_import_openai_patches_on_import(server):
     code = f"""
 import sys, runguard_autolog as r
@@ -103,7 +134,8 @@ print(type(openai.resources.chat.completions.Completions.__dict__["create"]).__n
 
 
 def test_importing_runguard_is_cheap_and_imports_no_sdk():
-    result = _run("import sys, runguard_autolog; print(sorted(m for m in ('openai', 'mlflow', 'langchain_core') if m in sys.modules))")
+    result = _run("import sys, runguard_autolog; print(sorted(m for m in ('openai', 'anthropic', 'litellm', 'mlflow', "
+                  "'langchain_core') if m in sys.modules))")
     assert result.stdout.strip() == "[]", result.stderr
 
 
