@@ -71,11 +71,28 @@ def _clean():
     _runtime.set_strict(True)
 
 
+# litellm, once imported, points TIKTOKEN_CACHE_DIR at the encodings it ships and loads one:
+# each test starts from what the machine itself offers (token counts are exact only with an
+# encoding available offline, else the documented estimate)
+_TIKTOKEN_CACHE_DIR = os.environ.get("TIKTOKEN_CACHE_DIR")
+
+
+def _offline_tiktoken_as_at_start(monkeypatch) -> None:
+    import tiktoken.registry
+
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    if _TIKTOKEN_CACHE_DIR is None:
+        monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", _TIKTOKEN_CACHE_DIR)
+
+
 @pytest.fixture(autouse=True)
 def clean_breaker(monkeypatch):
     for name in list(os.environ):
         if name.startswith("RUNGUARD_"):
             monkeypatch.delenv(name)
+    _offline_tiktoken_as_at_start(monkeypatch)
     _clean()
     yield
     try:
