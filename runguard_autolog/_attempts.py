@@ -80,6 +80,31 @@ class Reader:
         self.close(response)
 
 
+class HttpxReader(Reader):
+    """An httpx response (the openai and anthropic clients, litellm's own)."""
+
+    status_attribute = "status_code"
+
+    def __init__(self, in_tuple: bool = False) -> None:
+        self.in_tuple = in_tuple
+
+    def header(self, response: Any, name: str) -> str | None:
+        return response.headers.get(name)
+
+    def text(self, response: Any) -> tuple[Any, str]:
+        try:
+            response.read()  # cached by httpx: the SDK reads the same bytes afterwards
+            return response, response.text
+        except Exception:  # an async stream's body cannot be read here: judged by status alone
+            return response, ""
+
+    def close(self, response: Any) -> None:
+        response.close()
+
+    async def aclose(self, response: Any) -> None:
+        await response.aclose()
+
+
 # NB: the two wrappers below run on every HTTP attempt of the openai hot path: the status
 # is read with getattr() and the sync call's mark inline (each Python function touched per
 # call costs in situ; see _guard). Keep them in step.

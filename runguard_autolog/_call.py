@@ -76,8 +76,11 @@ class Endpoint:
 
     def streams(self, request: Any, result: Any) -> bool | None:
         """Whether ``result`` is a stream to meter chunk by chunk (``None``: a stream this
-        reader cannot meter, such as a raw streaming response: it is charged its forecast)."""
-        return False
+        reader cannot meter, such as a raw streaming response: it is charged its forecast).
+        By default: the request asked for one (``stream_key``) and the result iterates."""
+        if self.stream_key is None or request.get(self.stream_key) is not True:
+            return False
+        return True if hasattr(result, "__next__") or hasattr(result, "__anext__") else None
 
     def chunk_usage(self, chunk: Any, usage: Usage | None) -> Usage | None:
         """The stream's usage so far, given what earlier chunks said (``usage``)."""

@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from .. import pricing, tokens
-from .._attempts import Reader, async_attempt, sync_attempt
+from .._attempts import HttpxReader, async_attempt, sync_attempt
 from .._call import Endpoint as _Endpoint
 from .._call import Usage
 from .._guard import async_driver, sync_driver
@@ -76,12 +76,6 @@ class Endpoint(_Endpoint):
             if getattr(block, "type", None) == "tool_use"
         ]
 
-    def streams(self, kwargs: dict, result: Any) -> bool | None:
-        if kwargs.get("stream") is not True:
-            return False
-        # a raw streaming response (``.with_raw_response``) cannot be metered: charged its forecast
-        return True if hasattr(result, "__next__") or hasattr(result, "__anext__") else None
-
     def reply_model(self, result: Any) -> Any:
         return getattr(result, "model", None)
 
@@ -137,30 +131,7 @@ def read_usage(usage: Any) -> Usage:
 MESSAGES = Endpoint("anthropic.messages")
 
 
-class HttpxReader(Reader):
-    """The anthropic client's attempts: ``_attempt_request`` returns ``(response, options)``."""
-
-    status_attribute = "status_code"
-    in_tuple = True
-
-    def header(self, response: Any, name: str) -> str | None:
-        return response.headers.get(name)
-
-    def text(self, response: Any) -> tuple[Any, str]:
-        try:
-            response.read()  # cached by httpx: the SDK reads the same bytes afterwards
-            return response, response.text
-        except Exception:  # an async stream's body cannot be read here: judged by status alone
-            return response, ""
-
-    def close(self, response: Any) -> None:
-        response.close()
-
-    async def aclose(self, response: Any) -> None:
-        await response.aclose()
-
-
-_READER = HttpxReader()
+_READER = HttpxReader(in_tuple=True)
 
 
 # ``messages.stream(...)`` returns a manager that sends its request on ``__enter__`` through a

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import pricing, tokens
-from .._attempts import Reader, async_attempt, sync_attempt
+from .._attempts import HttpxReader, async_attempt, sync_attempt
 from .._call import Endpoint as _Endpoint
 from .._call import Usage
 from .._patching import PatchSpec
@@ -91,11 +91,6 @@ class Endpoint(_Endpoint):
                     found.append((function.name, function.arguments))
         return found
 
-    def streams(self, kwargs: dict, result: Any) -> bool | None:
-        if kwargs.get("stream") is not True:
-            return False
-        return True if hasattr(result, "__next__") or hasattr(result, "__anext__") else None
-
     def reply_model(self, result: Any) -> Any:
         return getattr(result, "model", None)
 
@@ -147,30 +142,16 @@ COMPLETION = Endpoint("litellm.completion", "chat")
 EMBEDDING = Endpoint("litellm.embedding", "embedding")
 
 
-class HttpxReader(Reader):
+class _HandlerReader(HttpxReader):
     """litellm's own HTTP client (``HTTPHandler.post``): it raises ``httpx.HTTPStatusError`` for
     an error status itself; that error's response is judged (a 429 feeds the 429 guard)."""
-
-    status_attribute = "status_code"
 
     def response_of(self, error: BaseException) -> Any:
         response = getattr(error, "response", None)  # httpx.HTTPStatusError (litellm masks its URL)
         return response if isinstance(getattr(response, "status_code", None), int) else None
 
-    def header(self, response: Any, name: str) -> str | None:
-        return response.headers.get(name)
 
-    def text(self, response: Any) -> tuple[Any, str]:
-        try:
-            return response, response.text  # read by raise_for_status() already
-        except Exception:  # a streamed body not read: judged by status alone
-            return response, ""
-
-    def close(self, response: Any) -> None:
-        response.close()
-
-
-_READER = HttpxReader()
+_READER = _HandlerReader()
 _HANDLER = "litellm.llms.custom_httpx.http_handler"
 
 PATCHES: tuple[PatchSpec, ...] = (

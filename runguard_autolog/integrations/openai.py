@@ -16,7 +16,7 @@ from typing import Any
 from openai.types import CompletionUsage
 
 from .. import pricing, tokens
-from .._attempts import Reader, async_attempt, sync_attempt
+from .._attempts import HttpxReader, async_attempt, sync_attempt
 from .._call import Endpoint as _Endpoint
 from .._call import Usage
 from .._patching import PatchSpec
@@ -108,12 +108,6 @@ class Endpoint(_Endpoint):
         if usage is None:
             return None
         return _read_usage(usage, self.kind)
-
-    def streams(self, kwargs: dict, result: Any) -> bool | None:
-        if kwargs.get("stream") is not True:
-            return False
-        # a raw streaming response (``.with_raw_response``) cannot be metered: charged its forecast
-        return True if hasattr(result, "__next__") or hasattr(result, "__anext__") else None
 
     def payload(self, kwargs: dict) -> Any:
         if self.kind == "chat":
@@ -278,28 +272,6 @@ CHAT = Endpoint("openai.chat.completions", "chat")
 COMPLETION = Endpoint("openai.completions", "completion")
 EMBEDDING = Endpoint("openai.embeddings", "embedding")
 RESPONSES = Endpoint("openai.responses", "responses")
-
-
-class HttpxReader(Reader):
-    """The openai client's responses (httpx)."""
-
-    status_attribute = "status_code"
-
-    def header(self, response: Any, name: str) -> str | None:
-        return response.headers.get(name)
-
-    def text(self, response: Any) -> tuple[Any, str]:
-        try:
-            response.read()  # cached by httpx: the SDK reads the same bytes afterwards
-            return response, response.text
-        except Exception:  # an async stream's body cannot be read here: judged by status alone
-            return response, ""
-
-    def close(self, response: Any) -> None:
-        response.close()
-
-    async def aclose(self, response: Any) -> None:
-        await response.aclose()
 
 
 _READER = HttpxReader()
