@@ -195,3 +195,17 @@ def test_context_windows_come_from_genai_prices(claude, server):
         claude.messages.create(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": big}])
     assert tripped.value.limit == "max_context_fraction"
     assert server.count("/v1/messages") == 0
+
+
+def test_sessions_are_scopes_of_their_own(claude, server):
+    runguard.autolog(max_calls=100)
+    with runguard.session("agent-a", max_calls=2):
+        ask(claude)
+        ask(claude)
+        with pytest.raises(runguard.RunGuardTripped) as tripped:
+            ask(claude)
+        assert tripped.value.scope == "session:agent-a"
+    with runguard.session("agent-b", max_calls=2):
+        ask(claude)  # another session's trip does not stop this one
+    assert server.count("/v1/messages") == 3
+    assert runguard.current().calls == 3  # the process scope saw every call sent
