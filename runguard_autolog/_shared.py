@@ -45,6 +45,7 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -1060,6 +1061,7 @@ def _settle_args(lease: Lease, actual: tuple) -> list:
 
 _CLIENTS: dict[tuple[str, float], SharedClient] = {}  # the stores this process charges, by URL
 _CLIENTS_LOCK = threading.Lock()
+RUNTIME.fork_safe(sys.modules[__name__], "_CLIENTS_LOCK", threading.Lock)  # a fork while it is held
 
 
 def shared_client(url: str, lease_s: float = 30.0) -> SharedClient:

@@ -120,8 +120,9 @@ def test_timeouts_never_double_count_nor_orphan_leases(client, server, private_r
     assert float(admin.hget(f"runguard:{{{name}}}:w:0", "r0") or 0) == 0
 
 
-def _fork_and_call(client, held_lock) -> int:
-    """fork() while another thread holds ``held_lock``; the child makes one guarded call."""
+def _fork_and_call(client, held_lock, before=None) -> int:
+    """fork() while another thread holds ``held_lock``; the child runs ``before()`` (if given),
+    then makes one guarded call."""
     acquired, release = threading.Event(), threading.Event()
 
     def hold():
@@ -137,6 +138,8 @@ def _fork_and_call(client, held_lock) -> int:
         if pid == 0:  # the child: one call, then out, whatever happens
             code = 1
             try:
+                if before is not None:
+                    before()
                 chat(client)
                 code = 0 if runguard.current().calls >= 1 else 3
             finally:
@@ -170,6 +173,19 @@ def test_fork_while_a_thread_holds_the_shared_budgets_lock_does_not_deadlock_the
     chat(client)
     budget = _runtime.RUNTIME.store.budget
     assert _fork_and_call(client, lambda: budget.client._lock) == 0
+    assert server.count() == 2
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fork_while_a_thread_holds_the_store_registry_lock_does_not_deadlock_the_child(client, server,
+                                                                                      private_redis, name):
+    from runguard_autolog import _shared
+
+    runguard.autolog(store=private_redis.url, shared_budget=name, shared_max_calls=10, max_calls="none")
+    chat(client)
+    configure = lambda: runguard.autolog(store=private_redis.url, shared_budget=name, shared_max_calls=10,  # noqa
+                                         max_calls="none", shared_lease_s=7)  # a new client: the registry lock
+    assert _fork_and_call(client, lambda: _shared._CLIENTS_LOCK, configure) == 0
     assert server.count() == 2
 
 
