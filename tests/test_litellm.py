@@ -175,3 +175,16 @@ def test_a_trip_is_recorded_on_the_mlflow_run(server, tracking):
     data = mlflow.get_run(run.info.run_id).data
     assert data.tags["runguard.trip_limit"] == "max_calls" and data.tags["runguard.agent"] == "litellm-agent"
     assert data.metrics["runguard.tripped"] == 1 and data.metrics["runguard.calls"] == 1
+
+
+def test_prompt_cache_reads_and_writes_through_litellm_are_priced_apart(server):
+    from genai_prices import Usage, calc_price
+
+    server.default = Reply(usage=(1000, 200), cache_read_input_tokens=4000, cache_creation_input_tokens=3000)
+    runguard.autolog()
+    complete(server, HAIKU, max_tokens=300)
+    expected = calc_price(Usage(input_tokens=8000, output_tokens=200, cache_read_tokens=4000, cache_write_tokens=3000),
+                          "claude-3-5-haiku-latest", provider_id="anthropic").total_price
+    snap = runguard.current()
+    assert (snap.input_tokens, snap.output_tokens) == (8000, 200)
+    assert snap.cost_usd == pytest.approx(float(expected), rel=1e-9)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import pricing, tokens
+from .. import pricing
 from .._attempts import HttpxReader, async_attempt, sync_attempt
-from .._call import Endpoint as _Endpoint
 from .._call import Usage
 from .._patching import PatchSpec
+from . import openai
 
 NAME = "litellm"
 TARGET_MODULE = "litellm"
@@ -35,32 +35,16 @@ def _provider(model: str) -> tuple[str, str | None]:
         return model, None
 
 
-class Endpoint(_Endpoint):
-    """How to read a litellm request (the call's keywords), reply and stream chunks."""
+class Endpoint(openai.Endpoint):
+    """litellm's requests and replies are OpenAI-shaped: read as openai's (chat or embedding),
+    priced as litellm routes the model, with prompt-cache writes from its usage."""
 
-    __slots__ = ("kind", "name", "prices", "provider", "stream_key")
+    __slots__ = ()
 
     def __init__(self, name: str, kind: str) -> None:
-        self.name = name
-        self.kind = kind
+        super().__init__(name, kind)
         self.provider = None
         self.prices = pricing.table_for("litellm")  # "<provider>/<model>" as given -> rates
-        self.stream_key = "stream" if kind == "chat" else None
-
-    def forecast(self, kwargs: dict) -> tuple[str, int, int]:
-        model: Any = kwargs.get("model") or ""
-        if not isinstance(model, str):
-            model = str(model)
-        if self.kind == "embedding":
-            return model, tokens.input_tokens(kwargs.get("input"), model), 0
-        messages = kwargs.get("messages")
-        if type(messages) is not list and messages is not None:
-            messages = kwargs["messages"] = list(messages)
-        prompt = tokens.messages_tokens(messages, model)
-        if kwargs.get("tools"):
-            prompt += tokens.tools_tokens(kwargs["tools"], model)
-        cap = kwargs.get("max_completion_tokens") or kwargs.get("max_tokens")
-        return model, prompt, cap if type(cap) is int and cap > 0 else 0
 
     def rates(self, model: str, request: Any) -> Any:
         """Priced as litellm routes it: the provider's model, kept under the name as given."""
@@ -69,73 +53,29 @@ class Endpoint(_Endpoint):
         self.prices[model] = rates
         return rates
 
-    def payload(self, kwargs: dict) -> Any:
-        if self.kind == "embedding":
-            return None  # embedding the same text again is not a loop
-        return {"messages": kwargs.get("messages"), "tools": kwargs.get("tools")}
-
     def reply(self, result: Any, tools: bool) -> tuple[Usage | None, list]:
         return self.usage(result), self.tool_calls(result) if tools else []
 
     def usage(self, result: Any) -> Usage | None:
         usage = getattr(result, "usage", None)
-        return None if usage is None else read_usage(usage)
-
-    def tool_calls(self, result: Any) -> list[tuple[str, Any]]:
-        found = []
-        for choice in getattr(result, "choices", None) or ():
-            message = getattr(choice, "message", None)
-            for call in getattr(message, "tool_calls", None) or ():
-                function = getattr(call, "function", None)
-                if function is not None:
-                    found.append((function.name, function.arguments))
-        return found
-
-    def reply_model(self, result: Any) -> Any:
-        return getattr(result, "model", None)
+        return None if usage is None else with_cache_writes(usage, super().usage(result))
 
     def chunk_usage(self, chunk: Any, usage: Usage | None) -> Usage | None:
         found = getattr(chunk, "usage", None)
-        return read_usage(found) if found is not None else usage
-
-    def chunk_tool_calls(self, chunk: Any, into: dict) -> None:
-        for choice in getattr(chunk, "choices", None) or ():
-            delta = getattr(choice, "delta", None)
-            for call in getattr(delta, "tool_calls", None) or ():
-                function = getattr(call, "function", None)
-                if function is None:
-                    continue
-                entry = into.setdefault((choice.index, call.index), ["", ""])
-                entry[0] += function.name or ""
-                entry[1] += function.arguments or ""
-
-    def chunk_text(self, chunk: Any) -> str:
-        text = ""
-        for choice in getattr(chunk, "choices", None) or ():
-            delta = getattr(choice, "delta", None)
-            if delta is None:
-                continue
-            text += tokens.text_of(getattr(delta, "content", None))
-            for call in getattr(delta, "tool_calls", None) or ():
-                function = getattr(call, "function", None)
-                if function is not None:
-                    text += (function.name or "") + (function.arguments or "")
-        return text
+        return usage if found is None else with_cache_writes(found, super().chunk_usage(chunk, usage))
 
 
-def read_usage(usage: Any) -> Usage:
-    """(input, output, read from a prompt cache, written to one) from litellm's OpenAI-shaped
-    usage, or a TypeError for a shape we do not know."""
-    get = usage.get if isinstance(usage, dict) else lambda name: getattr(usage, name, None)
-    prompt = get("prompt_tokens") or 0
-    output = get("completion_tokens") or 0
-    details = get("prompt_tokens_details")
-    cached = (details.get("cached_tokens") if isinstance(details, dict) else getattr(details, "cached_tokens", 0)) or 0
-    written = get("cache_creation_input_tokens") or 0
-    for value in (prompt, output, cached, written):
-        if not isinstance(value, int) or value < 0:
-            raise TypeError(f"unexpected usage shape from litellm: {usage!r:.200}")
-    return prompt, output, cached, written
+def with_cache_writes(usage: Any, counted: Usage | None) -> Usage | None:
+    """openai's (input, output, cached input), plus the input tokens litellm reports as written to
+    a prompt cache (Anthropic's, through litellm)."""
+    written = (usage.get if isinstance(usage, dict) else lambda name: getattr(usage, name, None))(
+        "cache_creation_input_tokens"
+    )
+    if counted is None or not written:
+        return counted
+    if not isinstance(written, int) or written < 0:
+        raise TypeError(f"unexpected usage shape from litellm: {usage!r:.200}")
+    return (*counted[:3], written)
 
 
 COMPLETION = Endpoint("litellm.completion", "chat")
