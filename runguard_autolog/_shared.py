@@ -503,7 +503,6 @@ class SharedClient:
         self._unsettled: list[tuple[Lease, tuple]] = []  # settles the store did not receive
         # usage owed past MAX_UNSETTLED, by (budget name, head, checks, window start): no budget kept alive
         self._overflow: dict[tuple[str, str, str, str], tuple] = {}
-        self._reconcile_due = False
         self._wake = threading.Event()
         self._writer_parked = True  # waiting for work (woken by a settle), not polling
         self._stopping = False
@@ -520,7 +519,6 @@ class SharedClient:
         self._unsettled = []
         self._overflow = {}
         self._sending = 0
-        self._reconcile_due = False
         self._writer_parked = True
         self._wake = threading.Event()
 
@@ -694,7 +692,6 @@ class SharedClient:
 
     def _reconcile(self) -> None:
         """Send the owed settles, pipelined; those the store still does not take stay owed."""
-        self._reconcile_due = False
         with self._lock:
             owed, self._unsettled = self._unsettled, []
             overflow, self._overflow = self._overflow, {}
@@ -729,7 +726,7 @@ class SharedClient:
                     threading.Thread(target=self._write, name="runguard-shared-budget", daemon=True).start()
 
     def _write(self) -> None:
-        """Send settles no call carried within ``SETTLE_DELAY_S``, reconcile after an outage,
+        """Send settles no call carried within ``SETTLE_DELAY_S``
         and renew the leases of calls still running. While settles keep coming it polls every
         ``SETTLE_DELAY_S`` (a settle never wakes a thread); idle, it parks until one does."""
         renew_every = self.lease_s / 3
@@ -747,8 +744,6 @@ class SharedClient:
                     self._writer_parked = True
                     if self._pending:  # a settle that came as it parked
                         self._writer_parked = False
-                if self._reconcile_due and not self._down_until:
-                    self._reconcile()
                 if time.monotonic() >= next_renewal:
                     next_renewal = time.monotonic() + renew_every
                     self._renew()
