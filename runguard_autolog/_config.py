@@ -243,8 +243,18 @@ def parse_artifact_breach(value: Any, where: str = "artifact_breach") -> str:
     raise _bad(where, value, "use 'consolidate' or 'raise'")
 
 
-def redact(url: str) -> str:
-    """A store URL safe to print: any password replaced by ``***``."""
+def redact(url: Any) -> str:
+    """A store URL safe to print: any password replaced by ``***`` (a client object: its type)."""
+    if not isinstance(url, str):
+        return f"<{type(url).__module__}.{type(url).__qualname__} client>"
+    scheme, sep, rest = url.partition("://")
+    if sep and "," in rest.split("/", 1)[0]:  # redis+cluster://h1:p1,h2:p2: urlsplit cannot read it
+        credentials, at, hosts = rest.partition("@")
+        if at and ":" in credentials.split("/", 1)[0]:
+            url = f"{scheme}://{credentials.split(':', 1)[0]}:***@{hosts}"
+        return re.sub(
+            r"([?&][^=&]*(?:password|passwd|pwd|secret|token|key)[^=&]*=)[^&]*", r"\1***", url, flags=re.IGNORECASE
+        )
     try:
         parts = original = urlsplit(url)
         if parts.password is not None:
@@ -264,34 +274,106 @@ def redact(url: str) -> str:
     return url if parts == original else parts.geturl()  # geturl() drops the // of sqlite:////path
 
 
-def parse_store(value: Any, where: str = "store") -> str:
-    """``"memory"`` or a Redis URL (``redis://``, ``rediss://``, ``unix://``)."""
+STORE_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel")
+
+
+class StoreAddress(NamedTuple):
+    """Where a shared store lives, as a store URL gives it (parsed without importing redis)."""
+
+    kind: str  # "node" (redis://, rediss://, unix://), "cluster" or "sentinel"
+    url: str  # "node": the URL for redis-py, without runguard's own parameters
+    hosts: tuple[tuple[str, int], ...]  # cluster: any reachable nodes; sentinel: the sentinels
+    username: str | None
+    password: str | None
+    service: str | None  # sentinel: the primary's service name
+    db: int
+    tls: bool
+    min_replicas: int  # replicas a write must reach before it counts (0: the primary's word)
+
+
+def store_address(text: str, where: str = "store") -> StoreAddress:
+    """Parse a store URL; a malformed one is an error naming ``where`` (never echoing a password).
+
+    ``redis://``/``rediss://``/``unix://`` (one node), ``redis+cluster://h1:p1,h2:p2`` (Redis
+    Cluster), ``redis+sentinel://h1:p1,h2:p2/<service>/<db>`` (a Sentinel-managed primary).
+    ``?min_replicas=N`` (any of them): a reservation or settle counts only once N replicas
+    have it (Redis ``WAIT``), so a failover cannot lose it."""
+    shown = redact(text)
+
+    def bad(why: str) -> RunGuardConfigError:
+        return RunGuardConfigError(f"runguard: {where}={shown!r} is not valid: {why}")
+
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in STORE_SCHEMES:
+        return_error = "use 'memory' or a redis://, rediss://, unix://, redis+cluster:// or redis+sentinel:// URL"
+        raise bad(return_error if sep else "not a URL")
+    rest, _, query = rest.partition("?")
+    options = [pair.partition("=") for pair in query.split("&") if pair]
+    replicas = [value for name, _, value in options if name == "min_replicas"]
+    if replicas and not (replicas[-1].isdigit() and int(replicas[-1]) < 100):
+        raise bad("min_replicas must be a whole number of replicas (0-99)")
+    min_replicas = int(replicas[-1]) if replicas else 0
+    kept = "&".join(f"{name}={value}" if eq else name for name, eq, value in options if name != "min_replicas")
+    if "+" not in scheme:
+        url = f"{scheme}://{rest}" + (f"?{kept}" if kept else "")
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # raises ValueError when malformed
+        except ValueError:
+            raise bad("not a URL") from None
+        if scheme == "unix":
+            if not parts.path:
+                raise bad("a unix:// URL needs a socket path")
+        else:
+            if not parts.hostname:
+                raise bad("no host")
+            database = parts.path.strip("/")
+            if database and not database.isdigit():
+                raise bad("the database must be a number")
+            if port is not None and not 0 < port < 65536:
+                raise bad("bad port")
+        return StoreAddress("node", url, (), None, None, None, 0, scheme == "rediss", min_replicas)
+    location, _, path = rest.partition("/")
+    credentials, at, host_list = location.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = credentials.partition(":")
+        username, password = (user or None), (secret if colon else None)
+    hosts = []
+    for host_port in host_list.split(","):
+        host, colon, port_text = host_port.strip().rpartition(":")
+        if not colon or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise bad(f"each host must be host:port, got {host_port.strip()!r}")
+        hosts.append((host.strip("[]"), int(port_text)))
+    kind = scheme.split("+")[1]
+    segments = [segment for segment in path.split("/") if segment]
+    service = None
+    if kind == "sentinel":
+        if not segments:
+            raise bad("a redis+sentinel:// URL names the primary: redis+sentinel://h1:p1,h2:p2/<service>/<db>")
+        service, segments = segments[0], segments[1:]
+    if len(segments) > 1 or (segments and not segments[0].isdigit()):
+        raise bad("the database must be a number")
+    db = int(segments[0]) if segments else 0
+    if kind == "cluster" and db:
+        raise bad("Redis Cluster has only database 0")
+    return StoreAddress(
+        kind, text, tuple(hosts), username, password, service, db, scheme.startswith("rediss"), min_replicas
+    )
+
+
+def parse_store(value: Any, where: str = "store") -> Any:
+    """``"memory"``, a store URL (see :func:`store_address`), or a redis-py client (``Redis``,
+    ``RedisCluster``, or ``Sentinel.master_for(...)``) built by the application."""
+    if hasattr(value, "connection_pool") or hasattr(value, "nodes_manager"):
+        return value  # a redis-py client: its own configuration
     if not isinstance(value, str) or not value.strip():
-        raise _bad(where, value, "use 'memory' or a Redis URL such as redis://127.0.0.1:6379/0")
+        raise _bad(where, value, "use 'memory', a Redis URL such as redis://127.0.0.1:6379/0, or a redis-py client")
     text = value.strip()
     if text.lower() == "memory":
         return "memory"
-    shown = redact(text)
-    try:
-        parts = urlsplit(text)
-        port = parts.port  # raises ValueError when malformed
-    except ValueError:
-        raise RunGuardConfigError(f"runguard: {where}={shown!r} is not valid: not a URL") from None
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise RunGuardConfigError(
-            f"runguard: {where}={shown!r} is not valid: use 'memory' or a redis://, rediss:// or unix:// URL"
-        )
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise RunGuardConfigError(f"runguard: {where}={shown!r} is not valid: a unix:// URL needs a socket path")
-    else:
-        if not parts.hostname:
-            raise RunGuardConfigError(f"runguard: {where}={shown!r} is not valid: no host")
-        database = parts.path.strip("/")
-        if database and not database.isdigit():
-            raise RunGuardConfigError(f"runguard: {where}={shown!r} is not valid: the database must be a number")
-        if port is not None and not 0 < port < 65536:
-            raise RunGuardConfigError(f"runguard: {where}={shown!r} is not valid: bad port")
+    store_address(text, where)
     return text
 
 

@@ -54,6 +54,7 @@ from typing import Any, NamedTuple
 from ._config import INF, SHARED_LIMITS, redact
 from ._counters import COUNTER_OF_LIMIT, COUNTERS, LIMIT_OF_COUNTER, REQUESTS, SECONDS, CounterView, Trip, make_trip
 from ._errors import RunGuardConfigError, RunGuardTripped
+from ._redis import Transport
 from ._runtime import RUNTIME, log_once, logger
 from ._store import Refusal
 
@@ -85,7 +86,9 @@ local function window_start(seconds)
   if window > 0 then return tostring(seconds - (seconds % window)) end
   return '0'
 end
-local function key(start) return prefix .. ':w:' .. start end
+-- KEYS[4]: the window's hash "<prefix>:w:<start>", chosen by the caller (every key a script
+-- touches is declared, in the budget's one hash slot: Redis Cluster refuses any other)
+local declared = string.match(KEYS[4] or '', ':w:(%d+)$')
 -- v[1..7]: used counters, v[8..14]: reserved, in _store.COUNTERS order; v.trip
 local function load(wkey)
   local s = redis.call('HMGET', wkey, unpack(FIELDS))
@@ -127,19 +130,22 @@ local function settle_into(v, dirty, held, usage)
   end
 end
 local function lease_id(member) return string.match(member, '^([^|]*)') end
--- the lease's window start and holds, or nil when it is gone (reclaimed after its expiry, or
--- never made). ``member`` may be '#<lease id>': a reservation whose reply never arrived.
+-- the lease's holds in the declared window, or nil when it is gone (reclaimed after its
+-- expiry, or never made) or holds in another window (left to be reclaimed when it expires).
+-- ``member`` may be '#<lease id>': a reservation whose reply never arrived.
 local function take_lease(member)
-  if member == '' then return nil, nil end
+  if member == '' then return nil end
   if string.sub(member, 1, 1) == '#' then
     member = redis.call('HGET', KEYS[2], string.sub(member, 2))
-    if not member then return nil, nil end
+    if not member then return nil end
   end
+  local start, held = lease_parts(member)
+  if start ~= declared then return nil end
   if redis.call('ZREM', KEYS[1], member) == 1 then
     redis.call('HDEL', KEYS[2], lease_id(member))
-    return lease_parts(member)
+    return held
   end
-  return nil, nil
+  return nil
 end
 -- true the first time a lease is settled (or released): a settle re-sent after a timeout
 -- whose script did run is applied once
@@ -173,12 +179,13 @@ end
 _PRELUDE = _PRELUDE.replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
 
 # ARGV[2] lease id, ARGV[3] enforce (1/0), ARGV[4] checks "<index>:<threshold>:<forecast>,...",
-# ARGV[5] settles of this process's earlier calls carried by this round trip,
-# "<lease>~<window start>~<usage>;...". Reclaims expired leases, applies the settles, then
-# checks and holds. Returns the window start (an integer) when admitted (the lease is then
+# ARGV[5] settles of this process's earlier calls of this window carried by this round trip,
+# "<lease>~<usage>;...". Reclaims expired leases, applies the settles, then checks and holds.
+# Returns the window start (an integer) when admitted (the lease is then
 # "<id>|<start>|<index>=<forecast>|..." for each check), else {status, start, lease or false,
 # trip, sticky, opened}: status 0 tripped before (opened: 1 when a carried settle tripped it),
-# 2 refused (nothing held), 3 over a limit but held anyway (shadow mode).
+# 2 refused (nothing held), 3 over a limit but held anyway (shadow mode); or {4, start} when
+# KEYS[4] is not the window the store's clock is in (nothing done: sent again with that one).
 _RESERVE = (
     _PRELUDE
     + """
@@ -187,7 +194,8 @@ local held = redis.call('HGET', KEYS[2], ARGV[2])
 if held then return tonumber((lease_parts(held))) end
 local seconds, now = clock()
 local start = window_start(seconds)
-local wkey = key(start)
+if start ~= declared then return {4, start} end
+local wkey = KEYS[4]
 local v = load(wkey)
 local dirty = {}
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, RECLAIM_PER_CALL)
@@ -196,11 +204,8 @@ if #expired > 0 then
   for _, member in ipairs(expired) do
     redis.call('HDEL', KEYS[2], lease_id(member))
     local lease_start, held = lease_parts(member)
-    if lease_start == start then
-      unhold(v, held, dirty)
-    elseif redis.call('EXISTS', key(lease_start)) == 1 then
-      for _, h in ipairs(held) do redis.call('HINCRBYFLOAT', key(lease_start), 'r' .. h[1], -h[2]) end
-    end
+    -- a lease of an earlier window held only there: that window is over
+    if lease_start == start then unhold(v, held, dirty) end
   end
 end
 local checks, limits = {}, {}
@@ -213,19 +218,8 @@ local cfg = window .. '|' .. table.concat(limits, ',')
 if v.cfg ~= cfg then redis.call('HSET', wkey, 'cfg', cfg) end
 local opened = 0
 if ARGV[5] ~= '' then
-  for member, fallback, usage in string.gmatch(ARGV[5], '([^~;]*)~([^~;]*)~([^~;]*)') do
-    if first_settle(member, now) then
-      local settle_start, held = take_lease(member)
-      settle_start = settle_start or fallback
-      if settle_start == '' then settle_start = start end
-      if settle_start == start then
-        settle_into(v, dirty, held, usage)
-      else  -- a call of an earlier window
-        local other, other_dirty = load(key(settle_start)), {}
-        settle_into(other, other_dirty, held, usage)
-        save(key(settle_start), settle_start, other, other_dirty)
-      end
-    end
+  for member, usage in string.gmatch(ARGV[5], '([^~;]*)~([^~;]*)') do
+    if first_settle(member, now) then settle_into(v, dirty, take_lease(member), usage) end
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - SETTLED_KEEP_MS)
   if not v.trip then
@@ -271,57 +265,54 @@ return {status, start, member, trip, sticky, opened}
 """.replace("RECLAIM_PER_CALL", str(RECLAIM_PER_CALL))
 )
 
-# ARGV[2] lease ('' for none), ARGV[3] window start to charge when the lease is gone ('' for the
-# current one), ARGV[4] checks "<index>:<threshold>,...", ARGV[5] usage "<index>:<amount>,...".
-# Drops the lease's holds (unless it was reclaimed meanwhile), adds the usage, and trips a
-# limit it reached. Returns {start, trip or false} (a trip this settle opened).
+# KEYS[4] the call's window (where its lease holds, or where it started), ARGV[2] lease ('' for
+# none), ARGV[3] checks "<index>:<threshold>,...", ARGV[4] usage "<index>:<amount>,...". Drops
+# the lease's holds (unless it was reclaimed meanwhile), adds the usage, and trips a limit it
+# reached. Returns {start, trip or false} (a trip this settle opened).
 _SETTLE = (
     _PRELUDE
     + """
 local _, now = clock()
-if not first_settle(ARGV[2], now) then return {ARGV[3], false} end
+if not first_settle(ARGV[2], now) then return {declared, false} end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - SETTLED_KEEP_MS)
-local start, held = take_lease(ARGV[2])
-if not start then
-  if ARGV[3] ~= '' then start = ARGV[3] else start = window_start(clock()) end
-end
-local wkey = key(start)
+local held = take_lease(ARGV[2])
+local wkey = KEYS[4]
 local v = load(wkey)
 local dirty = {}
-settle_into(v, dirty, held, ARGV[5])
-save(wkey, start, v, dirty)
-if v.trip then return {start, false} end
-for index, threshold in string.gmatch(ARGV[4], '(%d):([^:,]+)') do
+settle_into(v, dirty, held, ARGV[4])
+save(wkey, declared, v, dirty)
+if v.trip then return {declared, false} end
+for index, threshold in string.gmatch(ARGV[3], '(%d):([^:,]+)') do
   index = tonumber(index)
   if v[index + 1] >= tonumber(threshold) then
     local trip = trip_of(index, threshold, v[index + 1], 0, v)
     redis.call('HSET', wkey, 'trip', trip)
-    return {start, trip}
+    return {declared, trip}
   end
 end
-return {start, false}
+return {declared, false}
 """
 )
 
 _RESERVE = _RESERVE.replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
 _SETTLE = _SETTLE.replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
 
-# One more HTTP attempt of an admitted call. ARGV[2] its window start, ARGV[3] seconds spent so
-# far, ARGV[4] checks "<index>:<threshold>,...". Returns {1} admitted (one more request used),
-# {0, trip} tripped before, {2, trip, sticky} refused.
+# One more HTTP attempt of an admitted call. KEYS[4] its window, ARGV[2] seconds spent so far,
+# ARGV[3] checks "<index>:<threshold>,...", ARGV[4] enforce (1/0). Returns {1} admitted (one more
+# request used), {0, trip} tripped before, {2, trip, sticky} refused.
 _RETRY = (
     _PRELUDE
     + """
-local start = ARGV[2]
-local wkey = key(start)
+local start = declared
+local wkey = KEYS[4]
 local v = load(wkey)
 local dirty = {[7] = true}
-v[7] = v[7] + tonumber(ARGV[3])
+v[7] = v[7] + tonumber(ARGV[2])
 local result = nil
 if v.trip then
   result = {0, v.trip}
 else
-  for index, threshold in string.gmatch(ARGV[4], '(%d):([^:,]+)') do
+  for index, threshold in string.gmatch(ARGV[3], '(%d):([^:,]+)') do
     index = tonumber(index)
     if index == 6 and v[7] >= tonumber(threshold) then
       local trip = trip_of(6, threshold, v[7], 0, v)
@@ -336,8 +327,8 @@ else
     end
   end
 end
--- admitted, or refused in shadow mode (ARGV[5] '0'): the attempt goes, and counts
-if result == nil or ARGV[5] == '0' then
+-- admitted, or refused in shadow mode (ARGV[4] '0'): the attempt goes, and counts
+if result == nil or ARGV[4] == '0' then
   v[2] = v[2] + 1
   dirty[2] = true
 end
@@ -361,15 +352,13 @@ return #ARGV - 1
 """
 )
 
-# Returns {start, leases held, trip or false, u0..u6, "<window>|<index>:<limit>,..." or false} of the current window (ARGV[2]: that
-# window's start, when the caller knows it rather than the window length).
+# Returns {start, leases held, trip or false, u0..u6, "<window>|<index>:<limit>,..." or false} of
+# the window KEYS[4].
 _SNAPSHOT = (
     _PRELUDE
     + """
-local start = ARGV[2]
-if start == '' then start = window_start(clock()) end
-local s = redis.call('HMGET', key(start), unpack(FIELDS))
-return {start, redis.call('ZCARD', KEYS[1]), s[15] or false, s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[16] or false}
+local s = redis.call('HMGET', KEYS[4], unpack(FIELDS))
+return {declared, redis.call('ZCARD', KEYS[1]), s[15] or false, s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[16] or false}
 """
 )
 
@@ -387,11 +376,6 @@ def _amount(value: float) -> str:
 _PID = [os.getpid()]  # this process's id, kept without a system call per call
 os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 CARRY_MOST = 64  # settles one reserve carries
-
-
-class _ThreadConnection(threading.local):
-    conn: Any = None
-    pid: int | None = None
 
 
 class SharedScope:
@@ -416,45 +400,28 @@ class Lease(NamedTuple):
     start: str
 
 
-def connect(url: str):
-    """A Redis client with short timeouts: a dead store must never hang an agent."""
+def transport(store: Any) -> Transport:
+    """How to reach the store (a URL or a redis-py client), with short timeouts: a dead store
+    must never hang an agent."""
     try:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
+        import redis  # noqa: F401
     except ImportError:
         raise RunGuardConfigError(
-            f"runguard: store={redact(url)!r} needs the redis package: pip install 'runguard-autolog[redis]'"
+            f"runguard: store={redact(store)!r} needs the redis package: pip install 'runguard-autolog[redis]'"
         ) from None
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=READ_TIMEOUT_S,
-        # one immediate retry, for a pooled connection the server dropped (a restart)
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
-        health_check_interval=0,
-    )
-
-
-def _no_script_error() -> type:
-    import redis
-
-    return redis.exceptions.NoScriptError
-
-
-def _connection_error() -> type:
-    """A dropped connection (the store restarted): the one error a reserve is re-sent after."""
-    import redis
-
-    return redis.exceptions.ConnectionError
+    return Transport(store, CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
 
 
 def _outage_errors() -> tuple:
     """Every error the store can answer is an outage (down, slow, out of memory, read-only,
-    auth): ``store_outage`` decides, never a silent admit."""
+    auth, a write not replicated): ``store_outage`` decides, never a silent admit."""
     import redis
 
     return (redis.exceptions.RedisError, OSError)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class SharedClient:
@@ -470,14 +437,14 @@ class SharedClient:
     the budget refuse sooner, never overshoot.
     """
 
-    def __init__(self, url: str, lease_s: float = 30.0) -> None:
-        self.url = url
+    def __init__(self, url: Any, lease_s: float = 30.0) -> None:
+        self.url = url  # a store URL, or a redis-py client the application built
         self.shown_url = redact(url)
         self.lease_s = lease_s
-        self._client = connect(url)
+        self._transport = transport(url)
         self._outage_error_types = _outage_errors()
-        self._scripts = {
-            name: self._client.register_script(source)
+        self._shas = {
+            name: self._transport.script(source)
             for name, source in (
                 ("reserve", _RESERVE),
                 ("settle", _SETTLE),
@@ -486,10 +453,7 @@ class SharedClient:
                 ("snapshot", _SNAPSHOT),
             )
         }
-        self._reserve_sha = self._scripts["reserve"].sha
-        self._no_script: type[Exception] = _no_script_error()
-        self._connection_error: type[Exception] = _connection_error()
-        self._connection = _ThreadConnection()
+        self._reserve_sha = self._shas["reserve"]
         self._ids = itertools.count(1)
         self._host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64]
         self._down_until = 0.0
@@ -533,32 +497,35 @@ class SharedClient:
         return budget
 
     # -- store calls ---------------------------------------------------------------------
-    def run(self, budget: SharedBudget, script: str, args: list) -> Any:
-        return self._scripts[script](keys=budget.keys, args=[budget.head, *args])
+    def run(self, budget: SharedBudget, script: str, start: str, args: list) -> Any:
+        """A script on ``budget``'s keys and the window starting at ``start``; an error answer raises."""
+        window_key = budget.window_key(start)
+        keys = (*budget.keys, window_key)
+        return self._transport.call(window_key, "EVALSHA", self._shas[script], 4, *keys, budget.head, *args)
 
-    def reserve(self, budget: SharedBudget, args: list) -> Any:
-        """The reserve script: the round trip a call waits for. It goes over a connection this
-        thread keeps (outside the pool, past redis-py's per-command machinery: ~30 us less here)."""
-        mine = self._connection
-        conn = mine.conn
-        if conn is None or mine.pid != _PID[0]:
-            conn = mine.conn = self._client.connection_pool.make_connection()
-            mine.pid = _PID[0]
-        keys = budget.keys
-        command = conn.pack_command("EVALSHA", self._reserve_sha, len(keys), *keys, budget.head, *args)
-        try:
-            try:
-                conn.send_packed_command(command, check_health=False)
-                return conn.read_response()
-            except self._connection_error:  # a connection the store dropped (a restart): once more
-                conn.disconnect()
-                conn.send_packed_command(command, check_health=False)
-                return conn.read_response()
-        except self._no_script:  # the store restarted (or never saw it): load it, once more
-            return self.run(budget, "reserve", args)
-        except BaseException:
-            conn.disconnect()  # a reply may still be on its way: never reuse this connection as is
-            raise
+    def reserve(self, budget: SharedBudget, window_key: str, args: list) -> Any:
+        """The reserve script: the round trip a call waits for, over a connection this thread
+        keeps to the node that owns the budget (see ``_redis.Transport``)."""
+        reply = self._transport.one(
+            window_key, ("EVALSHA", self._reserve_sha, 4, *budget.keys, window_key, budget.head, *args)
+        )
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def settle_command(self, lease: Lease, actual: tuple) -> tuple[str, tuple]:
+        budget = lease.budget
+        window_key = budget.window_key(lease.start)
+        command = (
+            "EVALSHA",
+            self._shas["settle"],
+            4,
+            *budget.keys,
+            window_key,
+            budget.head,
+            *_settle_args(lease, actual),
+        )
+        return window_key, command
 
     def new_id(self) -> str:
         return f"{self._host}:{_PID[0]}:{next(self._ids)}"
@@ -578,8 +545,9 @@ class SharedClient:
             self._start_writer()
             self._wake.set()
 
-    def carry(self, budget: SharedBudget) -> list:
-        """Take up to ``CARRY_MOST`` of ``budget``'s queued settles for its next reserve to carry."""
+    def carry(self, budget: SharedBudget, start: str) -> list:
+        """Take up to ``CARRY_MOST`` of ``budget``'s queued settles of the window ``start`` for its
+        next reserve to carry (the writer sends the others: calls that began in another window)."""
         with self._lock:
             taken = self._pending.pop(budget, None)
             if not taken:
@@ -587,8 +555,17 @@ class SharedClient:
             if len(taken) > CARRY_MOST:
                 self._pending[budget] = taken[CARRY_MOST:]
                 taken = taken[:CARRY_MOST]
+            if any(entry[0].start != start or entry[0].member[0] == "#" for entry in taken):
+                others = [entry for entry in taken if entry[0].start != start or entry[0].member[0] == "#"]
+                taken = [entry for entry in taken if entry[0].start == start and entry[0].member[0] != "#"]
+                self._pending[budget] = [*others, *self._pending.get(budget, ())]
             self._sending += len(taken)
         return taken
+
+    def uncarry(self, budget: SharedBudget, taken: list) -> None:
+        """Queue again settles a reserve carried but the store did not apply (another window)."""
+        with self._lock:
+            self._pending[budget] = [*taken, *self._pending.get(budget, ())]
 
     def _take_all(self) -> list:
         with self._lock:
@@ -603,26 +580,17 @@ class SharedClient:
             self._sent.notify_all()
 
     def _send(self, settles: list) -> None:
-        """Settle a batch (of any budgets) in one pipelined round trip; trips they open are recorded."""
-        script = self._scripts["settle"]
+        """Settle a batch (of any budgets) in one pipelined round trip per node; trips they open
+        are recorded."""
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for lease, actual, _ in settles:
-                keys = lease.budget.keys
-                pipe.evalsha(script.sha, len(keys), *keys, lease.budget.head, *_settle_args(lease, actual))
             try:
-                replies = pipe.execute(raise_on_error=False)
+                replies = self._transport.batch([self.settle_command(lease, actual) for lease, actual, _ in settles])
             except self._outage_error_types as error:
                 self.mark_down(error)
                 for lease, actual, _ in settles:
                     self.owe(lease, actual)
                 return
             for reply, (lease, actual, where) in zip(replies, settles):
-                if isinstance(reply, self._no_script):  # after a restart of the store: once more, loading it
-                    try:
-                        reply = self.run(lease.budget, "settle", _settle_args(lease, actual))
-                    except self._outage_error_types as error:
-                        reply = error
                 if isinstance(reply, Exception):  # kept and sent again: settles are applied once
                     self.mark_down(reply)
                     self.owe(lease, actual)
@@ -763,15 +731,15 @@ class SharedClient:
             by_budget.setdefault(budget, []).append(member)
         if not by_budget:
             return
-        script = self._scripts["renew"]
+        sha = self._shas["renew"]
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for budget, members in by_budget.items():
-                pipe.evalsha(script.sha, len(budget.keys), *budget.keys, budget.head, *members)
-            replies = pipe.execute(raise_on_error=False)
-            for reply, (budget, members) in zip(replies, by_budget.items()):
-                if isinstance(reply, self._no_script):
-                    reply = self.run(budget, "renew", members)
+            replies = self._transport.batch(
+                [
+                    (budget.keys[0], ("EVALSHA", sha, 3, *budget.keys, budget.head, *members))
+                    for budget, members in by_budget.items()
+                ]
+            )
+            for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
         except Exception as error:  # the next reserve sees an outage; leases may lapse meanwhile
@@ -791,9 +759,7 @@ class SharedClient:
         self._stopping = True
         self._wake.set()
         try:
-            if self._connection.conn is not None:
-                self._connection.conn.disconnect()
-            self._client.close()
+            self._transport.close()
         except Exception:
             pass
 
@@ -805,6 +771,8 @@ class SharedBudget:
 
     __slots__ = (
         "__weakref__",
+        "_current",
+        "_hint",
         "check_text",
         "checks",
         "client",
@@ -813,6 +781,7 @@ class SharedBudget:
         "limits",
         "name",
         "outage",
+        "prefix",
         "scope",
         "window",
     )
@@ -837,9 +806,35 @@ class SharedBudget:
         self.check_text = ",".join(f"{index}:{threshold}" for index, threshold in self.checks)
         self.window = window or 0
         self.outage = outage
-        prefix = f"runguard:{{{name}}}"
+        self.prefix = prefix = f"runguard:{{{name}}}"
         self.keys = (f"{prefix}:leases", f"{prefix}:ids", f"{prefix}:settled")
         self.head = f"{prefix}|{self.window}|{int(client.lease_s * 1000)}"
+        self._current = ("0", f"{prefix}:w:0")  # the window this process last charged, and its key
+        self._hint: tuple[int, str] | None = None  # (this clock's window start, the store's) near a boundary
+
+    def window_key(self, start: str) -> str:
+        return f"{self.prefix}:w:{start}"
+
+    def current(self) -> tuple[str, str]:
+        """The window a call is in now, and its key. The store's clock decides (one clock for
+        every machine): this process's clock guesses, and the store corrects a guess a skew makes
+        wrong near a boundary (see ``_RESERVE``)."""
+        window = self.window
+        if not window:
+            return self._current
+        now = int(time.time())
+        local = now - now % window
+        hint = self._hint
+        start = hint[1] if hint is not None and hint[0] == local else str(local)
+        current = self._current
+        if current[0] != start:
+            current = self._current = (start, f"{self.prefix}:w:{start}")
+        return current
+
+    def corrected(self, start: str) -> None:
+        """The store's clock is in window ``start`` while this one guessed another."""
+        now = int(time.time())
+        self._hint = (now - now % self.window if self.window else 0, start)
 
     @property
     def url(self) -> str:
@@ -862,24 +857,35 @@ class SharedBudget:
         checks = ",".join(f"{index}:{threshold}:{amount}" for index, threshold, amount in holds)
         if client._writer_pid != _PID[0]:
             client._start_writer()
-        carried = client.carry(self) if client._pending else ()
-        try:
-            reply = client.reserve(
-                self,
-                [
-                    lease_id,
-                    "1" if enforce else "0",
-                    checks,
-                    ";".join(f"{lease.member}~{lease.start}~{_usage(actual)}" for lease, actual, _ in carried),
-                ],
-            )
-        except client._outage_error_types as error:
-            for lease, actual, _ in carried:
-                client.owe(lease, actual)
-            return self.outage_refusal(error, lease_id)
-        finally:
+        start, window_key = self.current()
+        for _ in range(3):  # sent again only when the store's clock is in another window
+            carried = client.carry(self, start) if client._pending else ()
+            try:
+                reply = client.reserve(
+                    self,
+                    window_key,
+                    [
+                        lease_id,
+                        "1" if enforce else "0",
+                        checks,
+                        ";".join(f"{lease.member}~{_usage(actual)}" for lease, actual, _ in carried),
+                    ],
+                )
+            except client._outage_error_types as error:
+                for lease, actual, _ in carried:
+                    client.owe(lease, actual)
+                return self.outage_refusal(error, lease_id, start)
+            finally:
+                if carried:
+                    client.done_sending(len(carried))
+            if type(reply) is int or reply[0] != 4:
+                break
             if carried:
-                client.done_sending(len(carried))
+                client.uncarry(self, carried)
+            self.corrected(_text(reply[1]))
+            start, window_key = self.current()
+        else:
+            return self.outage_refusal(RuntimeError("the store's window kept moving"), lease_id, start)
         if client._down_until:
             client.back_up()
         if type(reply) is int:  # admitted: the lease is what the script recorded
@@ -888,7 +894,7 @@ class SharedBudget:
             status = 1
         else:
             status, start, member, trip, sticky, opened = reply
-            start, member = start.decode(), member and member.decode()
+            start, member = _text(start), member and _text(member)
         lease = None
         if member:
             lease = Lease(self, member, start)
@@ -924,7 +930,7 @@ class SharedBudget:
         if lease.member.startswith("#") or client.down():
             return self._retry_outage(lease.start, seconds, None)
         try:
-            reply = client.run(self, "retry", [lease.start, _amount(seconds), self.check_text, "1" if enforce else "0"])
+            reply = client.run(self, "retry", lease.start, [_amount(seconds), self.check_text, "1" if enforce else "0"])
         except client._outage_error_types as error:
             return self._retry_outage(lease.start, seconds, error)
         if reply[0] == 1:
@@ -935,18 +941,18 @@ class SharedBudget:
         return Refusal(self.scope, trip, bool(reply[2]), bool(reply[2]))
 
     def _window_keys(self) -> list[bytes]:
-        prefix = self.keys[0].rsplit(":", 1)[0]
-        return list(self.client._client.scan_iter(match=f"{prefix}:w:*", count=1000))
+        return self.client._transport.scan(self.keys[0], f"{self.prefix}:w:*")
 
     def snapshot(self, window_known: bool = True) -> BudgetState:
         """The budget's current window as the store keeps it. A process that does not know the
         budget's window (``runguard status``, ``current_shared(name)``) reads the latest window
         there is."""
-        start = ""
-        if not window_known:
-            starts = [int(key.rsplit(b":", 1)[1]) for key in self._window_keys()]
+        if window_known:
+            start = self.current()[0]
+        else:
+            starts = [int(_text(key).rsplit(":", 1)[1]) for key in self._window_keys()]
             start = str(max(starts, default=0))
-        reply = self.client.run(self, "snapshot", [start])
+        reply = self.client.run(self, "snapshot", start, [])
         used = [_number(value or 0) for value in reply[3:10]]
         trip = self.trip(reply[2]) if reply[2] else None
         window, limits = _configuration(reply[10] if len(reply) > 10 else None)
@@ -955,7 +961,7 @@ class SharedBudget:
     def reset(self) -> None:
         """Zero the counters of every window, drop every lease and close the circuit (whatever
         window length the budget's processes use)."""
-        self.client._client.delete(*self._window_keys(), *self.keys)
+        self.client._transport.call(self.keys[0], "DEL", *self._window_keys(), *self.keys)
 
     def flush(self, timeout: float = 5.0) -> bool:
         return self.client.flush(timeout)
@@ -976,18 +982,23 @@ class SharedBudget:
         )
 
     # -- outage ------------------------------------------------------------------------------
-    def outage_refusal(self, error: BaseException | None, lease_id: str = "") -> tuple[Refusal | None, Lease | None]:
-        """The store did not answer a reserve. ``lease_id``: the reserve that was sent, whose
-        script may still have run: its holds are released once the store answers again."""
+    def outage_refusal(
+        self, error: BaseException | None, lease_id: str = "", start: str | None = None
+    ) -> tuple[Refusal | None, Lease | None]:
+        """The store did not answer a reserve. ``lease_id``: the reserve that was sent (in the
+        window ``start``), whose script may still have run: its holds are released once the
+        store answers again."""
         client = self.client
         if error is not None:
             client.mark_down(error)
+        if start is None:
+            start = self.current()[0]
         if self.outage == "fail_open":
             # settled into the budget later, by id: applied once (a reply lost on the way back
             # does not count it twice), releasing the late lease if the reserve did run
-            return None, Lease(self, f"#{lease_id or client.new_id()}", self._local_window_start())
+            return None, Lease(self, f"#{lease_id or client.new_id()}", start)
         if lease_id:  # a reserve was sent: release whatever it held, once the store answers
-            client.owe(Lease(self, f"#{lease_id}", ""), ())
+            client.owe(Lease(self, f"#{lease_id}", start), ())
         return self.closed(), None
 
     def closed(self) -> Refusal:
@@ -1014,10 +1025,6 @@ class SharedBudget:
             self.client.owe(Lease(self, f"#{self.client.new_id()}", start), actual)
             return None
         return self.closed()
-
-    def _local_window_start(self) -> str:
-        now = int(time.time())
-        return str(now - now % self.window if self.window else 0)
 
 
 class BudgetState(NamedTuple):
@@ -1050,16 +1057,16 @@ def _usage(actual: tuple) -> str:
 
 def _settle_args(lease: Lease, actual: tuple) -> list:
     if not actual:  # a release: drop the holds, charge nothing, check nothing
-        return [lease.member, lease.start, "", ""]
-    return [lease.member, lease.start, lease.budget.check_text, _usage(actual)]
+        return [lease.member, "", ""]
+    return [lease.member, lease.budget.check_text, _usage(actual)]
 
 
-_CLIENTS: dict[tuple[str, float], SharedClient] = {}  # the stores this process charges, by URL
+_CLIENTS: dict[tuple[Any, float], SharedClient] = {}  # the stores this process charges, by URL
 _CLIENTS_LOCK = threading.Lock()
 RUNTIME.fork_safe(sys.modules[__name__], "_CLIENTS_LOCK", threading.Lock)  # a fork while it is held
 
 
-def shared_client(url: str, lease_s: float = 30.0) -> SharedClient:
+def shared_client(url: Any, lease_s: float = 30.0) -> SharedClient:
     """This process's client for the store at ``url`` (one per URL, whatever the budgets)."""
     with _CLIENTS_LOCK:
         client = _CLIENTS.get((url, lease_s))

@@ -14,7 +14,7 @@ PKG = PACKAGE_DIR.name
 
 LAYERS = [  # (layer, modules named relative to the package, "" being the package itself)
     ("core", {"_errors", "_config", "_counters", "_runtime", "_scopes", "_loops", "pricing", "tokens"}),
-    ("stores", {"_store", "_shared"}),
+    ("stores", {"_store", "_redis", "_shared"}),
     ("guard", {"_call", "_streams", "_guard", "_attempts"}),
     ("recording", {"_recording"}),
     ("integrations", {"_patching", "_evaluation", "_artifacts", "integrations.*"}),

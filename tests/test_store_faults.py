@@ -192,7 +192,7 @@ def test_fork_while_a_thread_holds_the_store_registry_lock_does_not_deadlock_the
 def test_a_reserve_resent_after_its_reply_was_lost_is_held_once(client, server, private_redis, name, monkeypatch):
     runguard.autolog(store=private_redis.url, shared_budget=name, shared_max_calls=10, max_calls="none")
     chat(client)  # this thread's connection to the store exists now
-    conn = _runtime.RUNTIME.store.client._connection.conn
+    conn = _runtime.RUNTIME.store.client._transport._connections.by_node[None]
     real, lost = conn.read_response, []
 
     def lose_the_first_reply(*args, **kwargs):
