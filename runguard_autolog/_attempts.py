@@ -166,7 +166,10 @@ def async_attempt(reader: Reader):
         if call is None or call.settled:
             return await wrapped(*args, **kwargs)
         if call.retry_due:
-            before_retry(call)
+            if RUNTIME.store.remote:  # a shared store: its round trip is awaited off the loop
+                await abefore_retry(call)
+            else:
+                before_retry(call)
         call.attempts += 1
         call.retry_due = True
         started = _perf()
@@ -203,6 +206,18 @@ def before_retry(call: Call) -> None:
     try:
         refusal = RUNTIME.store.retry(call, call.seconds, call.on_trip == "raise")
         call.seconds = 0.0  # charged
+    except Exception as error:
+        internal_error("admitting a retry", error)
+        return
+    if refusal is not None:
+        stop(call, refusal.scope, refusal.trip, refusal.new)
+
+
+async def abefore_retry(call: Call) -> None:
+    """:func:`before_retry` for an async call on a shared store (``SharedStore.aretry``)."""
+    try:
+        refusal = await RUNTIME.store.aretry(call, call.seconds, call.on_trip == "raise")
+        call.seconds = 0.0
     except Exception as error:
         internal_error("admitting a retry", error)
         return

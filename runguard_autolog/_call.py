@@ -116,6 +116,9 @@ class Call(Reservation):
         "attempts",
         "cap",
         "count",
+        # (enforce, a refusal found already) while the shared budgets' reserve is still to be
+        # awaited (an async call: see admit_shared), else None
+        "deferred",
         "endpoint",
         "flat",
         "loop_repeats",
@@ -142,6 +145,7 @@ class Call(Reservation):
     loop_repeats: float
     refusal: Any
     attempts: int
+    deferred: tuple[bool, Any] | None
     retry_due: bool
     seconds: float
     stopped: RunGuardTripped | None
@@ -169,9 +173,11 @@ class Call(Reservation):
 # are cold, so what costs here is mostly how many distinct functions and objects a call
 # touches (each Python function is a few cache misses, ~0.5 us in situ), far more than how
 # many lines run: helpers are inlined on purpose (see benchmarks/README.md).
-def admit(endpoint: Endpoint, request: Any) -> Call:
+def admit(endpoint: Endpoint, request: Any, defer: bool = False) -> Call:
     """Reserve this call in every open scope. A refusal is put on ``call.refusal`` (the driver
-    applies the policy); anything this raises is runguard's own failure."""
+    applies the policy); anything this raises is runguard's own failure. ``defer`` (an async
+    call): a shared store's reserve is left on ``call.deferred``, for :func:`admit_shared` to
+    await, so the event loop never waits for the store."""
     charges, limits = current_charges()
     model, prompt, cap = endpoint.forecast(request)
     count = endpoint.calls(request) if endpoint.batched else 1
@@ -197,6 +203,7 @@ def admit(endpoint: Endpoint, request: Any) -> Call:
     call.on_trip = on_trip = limits["on_trip"]
     call.loop_repeats = limits["loop_repeats"]
     call.refusal = None
+    call.deferred = None
     call.attempts = 0
     call.retry_due = False
     call.seconds = 0.0
@@ -227,10 +234,27 @@ def admit(endpoint: Endpoint, request: Any) -> Call:
             call.settled = True  # nothing held
             call.refusal = refusal
             return call
+        if defer and RUNTIME.store.remote:
+            call.deferred = (False, refusal)
+            return call
         call.refusal = RUNTIME.store.reserve(call, False) or refusal  # shadow mode: held like any call
+        return call
+    if defer and RUNTIME.store.remote:
+        call.deferred = (on_trip == "raise", None)
         return call
     call.refusal = RUNTIME.store.reserve(call, on_trip == "raise")
     return call
+
+
+async def admit_shared(call: Call) -> None:
+    """An async call's reserve in a shared store, awaited off the event loop (the store's I/O
+    threads; see ``SharedStore.areserve``); then the refusal policy, as :func:`begin` applies it."""
+    enforce, found = call.deferred  # type: ignore[misc]
+    call.deferred = None
+    refusal = await RUNTIME.store.areserve(call, enforce) or found
+    call.refusal = refusal
+    if refusal is not None:
+        refuse(call, refusal.trip, refusal.new, call.endpoint.name)
 
 
 def _cost_limited(charges: list) -> bool:
@@ -319,11 +343,12 @@ def _quietly(step: Callable[[Any], Any], call: Any, stage: str) -> None:
 
 
 # -- the three steps every driver runs ------------------------------------------------------
-def begin(endpoint: Endpoint, instance: Any, args: tuple, kwargs: dict) -> Call | None:
+def begin(endpoint: Endpoint, instance: Any, args: tuple, kwargs: dict, defer: bool = False) -> Call | None:
     """Admit the call, or refuse it before it is sent. ``None``: runguard itself failed, and
-    the caller makes the call once, unguarded. Raises only the trip (or ``on_trip``'s own)."""
+    the caller makes the call once, unguarded. Raises only the trip (or ``on_trip``'s own).
+    ``defer``: see :func:`admit` (the caller then awaits :func:`admit_shared`)."""
     try:
-        call = admit(endpoint, endpoint.request(instance, args, kwargs) if endpoint.reads_arguments else kwargs)
+        call = admit(endpoint, endpoint.request(instance, args, kwargs) if endpoint.reads_arguments else kwargs, defer)
     except Exception as error:
         internal_error("preflight", error)  # strict mode (tests) re-raises
         return None

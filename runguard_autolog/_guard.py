@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._call import Call, Endpoint, _last_resort, begin, failed, settle, watch_tool_calls
+from ._call import Call, Endpoint, _last_resort, admit_shared, begin, failed, settle, watch_tool_calls
 from ._runtime import RUNTIME, internal_error
 from ._streams import lazy_stream, meter_stream
 from .pricing import learn_reply_model
@@ -119,9 +119,11 @@ def async_driver(endpoint: Endpoint) -> Callable[..., Any]:
         # RUNTIME.in_flight(), inlined (hot path): a call of this thread or task still in flight
         if not RUNTIME.enabled or mark.call is not None or ((outer := in_call.get()) is not None and not outer.settled):
             return await wrapped(*args, **kwargs)
-        call = begin(endpoint, instance, args, kwargs)
+        call = begin(endpoint, instance, args, kwargs, True)
         if call is None:
             return await wrapped(*args, **kwargs)
+        if call.deferred is not None:  # a shared store: its reserve is awaited, never waited for
+            await admit_shared(call)
         token = in_call.set(call)
         try:
             result = await wrapped(*args, **kwargs)

@@ -8,7 +8,8 @@ a call waits for exactly one round trip, its reserve), and follows the topology 
 
 - **Cluster**: slots map to nodes by ``CLUSTER SLOTS``; ``MOVED`` updates the map and sends
   again, ``ASK`` sends again to the importing node after ``ASKING`` (a slot in migration),
-  ``TRYAGAIN`` (the budget's keys are split mid-migration) waits 10 ms and sends again. A
+  ``TRYAGAIN`` (the budget's keys are split mid-migration) sends again every 10 ms for up to
+  ``TRYAGAIN_S`` (then it is an outage: a migration moves a budget's few keys in milliseconds). A
   node that stops answering makes the map be read again (a failover promoted a replica).
 - **Sentinel**: connections ask the sentinels for the primary each time they connect, and a
   primary demoted to replica (``READONLY``) drops them, so the next one finds the new one.
@@ -32,7 +33,8 @@ from typing import Any
 from ._config import StoreAddress, store_address
 
 WAIT_MS = 100  # how long a write waits for its replicas (below the read timeout)
-REDIRECTS = 8  # MOVED/ASK/TRYAGAIN/NOSCRIPT answers followed for one command
+REDIRECTS = 8  # MOVED/ASK/NOSCRIPT answers followed for one command
+TRYAGAIN_S = 0.5  # how long a command waits out a slot whose keys are split mid-migration
 
 
 class NotReplicated(OSError):
@@ -220,9 +222,10 @@ class Transport:
 
     def one(self, key: str, command: tuple) -> Any:
         """One command to the node owning ``key`` (:meth:`batch` of one, without its grouping)."""
-        reply = self._send(self.topology.node_for(key), [command])[0]
+        node = self.topology.node_for(key)
+        reply = self._send(node, [command])[0]
         if isinstance(reply, self._again):
-            reply = self._follow((key, command), reply)
+            reply = self._follow((key, command), reply, node)
         return reply
 
     def batch(self, items: Sequence[tuple[str, tuple]]) -> list[Any]:
@@ -236,10 +239,7 @@ class Transport:
         replies: list[Any] = [None] * len(items)
         for node, indexes in groups.items():
             for index, reply in zip(indexes, self._send(node, [items[i][1] for i in indexes])):
-                replies[index] = reply
-        for index, reply in enumerate(replies):
-            if isinstance(reply, self._again):
-                replies[index] = self._follow(items[index], reply)
+                replies[index] = self._follow(items[index], reply, node) if isinstance(reply, self._again) else reply
         return replies
 
     def _connection(self, node: Any) -> Any:
@@ -266,6 +266,8 @@ class Transport:
         count = len(prefix) + len(commands) + len(suffix)
         for attempt in (1, 2):
             try:
+                if not conn.is_connected:  # connect() itself: a Sentinel-managed one asks for the primary
+                    conn.connect()
                 conn.send_packed_command(packed, check_health=False)
                 replies = [self._read(conn) for _ in range(count)]
                 break
@@ -290,36 +292,41 @@ class Transport:
         except self._response as error:  # an error answer: the caller sees it as that command's reply
             return error
 
-    def _follow(self, item: tuple[str, tuple], error: Exception) -> Any:
-        """Send one command again after MOVED/ASK/TRYAGAIN/NOSCRIPT (bounded)."""
+    def _follow(self, item: tuple[str, tuple], error: Exception, node: Any) -> Any:
+        """Send one command again after ``node`` answered MOVED/ASK/TRYAGAIN/NOSCRIPT (bounded)."""
         key, command = item
         errors = self._errors
-        for _ in range(REDIRECTS):
-            asking = None
+        redirects, waited_until, asking = 0, time.monotonic() + TRYAGAIN_S, False
+        while True:
             if isinstance(error, errors.MovedError):
                 if not self.topology.moved(error.slot_id, error.host, error.port):
                     return error
+                node, asking = self.topology.node_for(key), False
             elif isinstance(error, errors.AskError):
                 if not isinstance(self.topology, _Cluster):
                     return error
-                asking = (error.host, error.port)
+                node, asking = (error.host, error.port), True  # this once: the slot is migrating there
             elif isinstance(error, errors.TryAgainError):
+                if time.monotonic() >= waited_until:
+                    return error
                 time.sleep(0.01)
-            elif isinstance(error, errors.NoScriptError):
+                redirects -= 1  # bounded by time instead
+            elif isinstance(error, errors.NoScriptError):  # a node that never saw it (or restarted)
                 source = self._scripts.get(command[1] if isinstance(command[1], str) else "")
                 if source is None:
                     return error
-                loaded = self._send(self.topology.node_for(key), [("SCRIPT", "LOAD", source)])[0]
+                loaded = self._send(node, [("SCRIPT", "LOAD", source)])[0]
                 if isinstance(loaded, Exception):
                     return loaded
             else:
                 return error
-            node = asking if asking is not None else self.topology.node_for(key)
-            reply = self._send(node, [command], asking=asking is not None)[0]
+            redirects += 1
+            if redirects > REDIRECTS:
+                return error
+            reply = self._send(node, [command], asking=asking)[0]
             if not isinstance(reply, self._again):
                 return reply
             error = reply
-        return error
 
     def scan(self, key: str, match: str) -> list[bytes]:
         """Keys matching ``match`` on the node owning ``key`` (a budget's keys share its slot)."""

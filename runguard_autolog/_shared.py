@@ -39,7 +39,9 @@ braces keep one budget's keys in one Redis Cluster slot.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import concurrent.futures
 import itertools
 import json
 import os
@@ -1146,6 +1148,8 @@ class SharedStore:
             budgets = _merged(self.client, list(budgets), self.outage)
         return budgets
 
+    remote = True  # reserves wait for the store: async calls await them off the event loop
+
     def reserve(self, reservation, enforce=True):
         reservation.lease = None
         refusal = self.local.reserve(reservation, enforce)
@@ -1154,6 +1158,43 @@ class SharedStore:
         budgets = self.budgets(reservation.charges)
         if not budgets:
             return refusal
+        return self._reserve_shared(reservation, enforce, refusal, budgets)
+
+    async def areserve(self, reservation, enforce=True):
+        """:meth:`reserve` for an async call: the store's round trip runs on an I/O thread, so the
+        event loop serves other tasks meanwhile. A task cancelled while it waits holds nothing."""
+        reservation.lease = None
+        refusal = self.local.reserve(reservation, enforce)
+        if refusal is not None and enforce:
+            return refusal
+        budgets = self.budgets(reservation.charges)
+        if not budgets:
+            return refusal
+        try:
+            future = _io_pool().submit(self._reserve_shared, reservation, enforce, refusal, budgets)
+        except RuntimeError:  # the interpreter is exiting: no new threads; wait here instead
+            return self._reserve_shared(reservation, enforce, refusal, budgets)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda done: self._reserve_cancelled(reservation, done))
+            raise
+
+    def _reserve_cancelled(self, reservation, done) -> None:
+        """A reserve whose task was cancelled: nothing is sent, so whatever it holds goes back."""
+        try:
+            if done.cancelled():  # it never ran: only the local hold
+                self.local.release(reservation)
+            elif done.exception() is None:
+                self.release(reservation)  # a refusal released it already (settled: a no-op)
+        except Exception as error:
+            log_once(
+                ("cancelled-reserve", type(error).__name__),
+                "runguard: could not release a cancelled call (%s)",
+                type(error).__name__,
+            )
+
+    def _reserve_shared(self, reservation, enforce, refusal, budgets):
         leases: list[Lease] = []
         for budget in budgets:
             try:
@@ -1206,6 +1247,43 @@ class SharedStore:
         leases = getattr(reservation, "lease", None)
         if not leases:
             return refusal
+        return self._retry_shared(reservation, seconds, enforce, refusal, leases)
+
+    async def aretry(self, reservation, seconds, enforce=True):
+        """:meth:`retry` for an async call (off the event loop, like :meth:`areserve`)."""
+        refusal = self.local.retry(reservation, seconds, enforce)
+        if refusal is not None and enforce:
+            return refusal
+        leases = getattr(reservation, "lease", None)
+        if not leases:
+            return refusal
+        try:
+            future = _io_pool().submit(self._retry_shared, reservation, seconds, enforce, refusal, leases)
+        except RuntimeError:
+            return self._retry_shared(reservation, seconds, enforce, refusal, leases)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda done: self._retry_cancelled(reservation, leases, enforce, done))
+            raise
+
+    def _retry_cancelled(self, reservation, leases, enforce, done) -> None:
+        """A retry whose task was cancelled is not sent: the request it counted is taken back."""
+        try:
+            if done.cancelled():
+                self.local.unretry(reservation)
+            elif done.exception() is None and (done.result() is None or not enforce):
+                self.local.unretry(reservation)
+                for lease in leases:
+                    lease.budget.unretry(lease)
+        except Exception as error:
+            log_once(
+                ("cancelled-retry", type(error).__name__),
+                "runguard: could not take back a cancelled retry (%s)",
+                type(error).__name__,
+            )
+
+    def _retry_shared(self, reservation, seconds, enforce, refusal, leases):
         admitted: list[Lease] = []
         for lease in leases:
             shared = lease.budget.retry(lease, seconds, enforce)
@@ -1232,6 +1310,22 @@ class SharedStore:
 
     def snapshot(self, scope):
         return self.local.snapshot(scope)
+
+
+_IO: list = [None, 0]  # the I/O threads async calls reserve through, and the process they belong to
+IO_THREADS = 4  # one connection to the store each; a reserve is one short round trip
+
+
+def _io_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's store I/O threads (a forked child makes its own)."""
+    pool, pid = _IO
+    if pool is None or pid != _PID[0]:
+        with _CLIENTS_LOCK:
+            pool, pid = _IO
+            if pool is None or pid != _PID[0]:
+                pool = concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="runguard-store-io")
+                _IO[:] = [pool, _PID[0]]
+    return pool
 
 
 def use_shared(settings: dict | None) -> None:

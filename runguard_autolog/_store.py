@@ -108,6 +108,8 @@ def _refusal(scope, index: int, threshold: float, wanted: float) -> Refusal:
 class MemoryStore:
     """In-process counters behind one lock: exact under threads and asyncio."""
 
+    remote = False  # nothing to wait for: async calls reserve inline
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._epoch = 0  # resets so far: a reservation older than a scope's reset holds nothing there

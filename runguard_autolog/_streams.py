@@ -21,7 +21,7 @@ from typing import Any
 
 import wrapt
 
-from ._call import Call, Endpoint, begin, failed, settle_quietly, watch_tool_calls
+from ._call import Call, Endpoint, admit_shared, begin, failed, settle_quietly, watch_tool_calls
 from ._counters import COST, OUTPUT, TOTAL, stream_cut
 from ._errors import RunGuardTripped
 from ._runtime import RUNTIME, internal_error, log_once
@@ -71,13 +71,14 @@ class StreamMeter:
             if index in _STREAM_COUNTERS
         ]
 
-    def start(self) -> None:
+    def start(self, defer: bool = False) -> None:
         """A lazy stream's first chunk is asked for: admit its call (a refusal raises here, and
-        nothing is sent). If runguard fails, the stream goes on unmetered."""
+        nothing is sent). If runguard fails, the stream goes on unmetered. ``defer`` (an async
+        stream): the shared store's reserve is left for :meth:`astart` to await."""
         endpoint, instance, args, kwargs = self.pending  # type: ignore[misc]
         self.pending = None
         try:
-            call = begin(endpoint, instance, args, kwargs)
+            call = begin(endpoint, instance, args, kwargs, defer)
         except BaseException:
             self.done = True
             raise
@@ -90,6 +91,17 @@ class StreamMeter:
         except Exception as error:
             self.broken = True
             internal_error("stream accounting", error)
+
+    async def astart(self) -> None:
+        """:meth:`start` for an async stream: the shared store's reserve awaited off the loop."""
+        self.start(True)
+        call = self.call
+        if call is not None and call.deferred is not None:
+            try:
+                await admit_shared(call)
+            except BaseException:
+                self.done = True
+                raise
 
     def account(self, chunk: Any) -> tuple | None:
         """Count one chunk; ``(scope, trip, what a callable on_trip raised or None)`` when the stream
@@ -261,7 +273,7 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
     async def __anext__(self) -> Any:
         meter = self._self_meter
         if meter.pending is not None:
-            meter.start()
+            await meter.astart()
         call = meter.call
         if call is None or meter.done:
             return await self.__wrapped__.__anext__()

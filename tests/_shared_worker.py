@@ -7,7 +7,9 @@ the request's ``max_tokens`` (optional); ``session`` (optional) gives the keywor
 ``runguard.session()`` each call runs in (a tenant's shared budget, say). Each thread calls
 until runguard refuses it, then stops. Prints one JSON line: how many calls returned, and the limit/scope of each refusal.
 With ``"hold": true`` it makes a single call (the test answers it slowly), printing
-``sending`` first, so the test can kill the process while its reservation is held.
+``sending`` first, so the test can kill the process while its reservation is held. With
+``"through_outage": true`` a thread refused because the store is unreachable (a failover)
+waits 20 ms and goes on; the refusal is reported all the same.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 
 import openai
 
@@ -42,6 +45,9 @@ def main() -> None:
             except runguard.RunGuardTripped as trip:
                 with lock:
                     refused.append([trip.limit, trip.scope])
+                if trip.limit == "store_outage" and params.get("through_outage"):
+                    time.sleep(0.02)
+                    continue
                 return
             with lock:
                 done[0] += 1
@@ -51,6 +57,7 @@ def main() -> None:
         thread.start()
     for thread in threads:
         thread.join()
+    runguard.flush()
     print(json.dumps({"done": done[0], "refused": refused}), flush=True)
 
 
