@@ -169,3 +169,47 @@ def test_the_io_threads_are_few_and_shared_by_every_budget(private_redis, server
     clients = redis.Redis.from_url(private_redis.url).client_list()
     assert len(clients) <= 4 + 2 + 1  # I/O threads, this thread and the writer, the admin
     assert _runtime.RUNTIME.store.client._transport is not None
+
+
+def test_ten_thousand_budget_names_in_one_process(private_redis, server):
+    """10,000 tenants, each with its own budget, from async tasks: no thread or connection per
+    name, no budget kept once its calls settled, every tenant's count exact in Redis."""
+    runguard.autolog(store=private_redis.url, max_calls="none")
+    store_client = _runtime.RUNTIME.store.client
+    tenants = [f"tenant:{uuid.uuid4().hex[:6]}:{i}" for i in range(10_000)]
+
+    async def tenant(client, budget):
+        with runguard.session(shared_budget=budget, shared_max_calls=1):
+            await achat(client)
+
+    async def scenario():
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="test", max_retries=0)
+        for first in range(0, len(tenants), 200):
+            await asyncio.gather(*(tenant(client, budget) for budget in tenants[first:first + 200]))
+
+    asyncio.run(scenario())
+    assert runguard.flush()
+    import gc
+
+    gc.collect()
+    assert len(store_client._budgets) == 0
+    assert not store_client._pending and not store_client._live and not store_client._unsettled
+    assert server.count() == 10_000
+    names = [t.name for t in threading.enumerate()]
+    assert names.count("runguard-shared-budget") == 1 and sum(n.startswith("runguard-store-io") for n in names) <= 4
+    assert len(redis.Redis.from_url(private_redis.url).client_list()) <= 4 + 2 + 1
+    admin = redis.Redis.from_url(private_redis.url)
+    pipe = admin.pipeline(transaction=False)
+    for budget in tenants:
+        pipe.hget(f"runguard:{{{budget}}}:w:0", "u0")
+    assert {float(used) for used in pipe.execute()} == {1.0}
+
+    async def again():  # each tenant's budget is spent: refused by its own budget
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="test", max_retries=0)
+        for budget in tenants[::1000]:
+            with pytest.raises(runguard.RunGuardTripped) as refused:
+                await tenant(client, budget)
+            assert refused.value.scope == f"shared:{budget}"
+
+    asyncio.run(again())
+    assert server.count() == 10_000

@@ -6,6 +6,7 @@ redis-py client handed to ``store=``. Assertions are on what the fake provider r
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ import runguard_autolog as runguard
 
 from ._servers import LocalRedisCluster, LocalSentinels
 from .conftest import MESSAGES, MODEL
+from .test_report import cli
 from .test_shared import run_workers
 
 pytestmark = pytest.mark.skipif(
@@ -67,6 +69,12 @@ def test_cluster_budget_is_exact_across_processes_and_threads_and_lives_on_one_n
     keys = budget_keys(cluster, name)
     owner = cluster.owner(f"runguard:{{{name}}}:leases").port
     assert keys[owner] and not any(found for port, found in keys.items() if port != owner)
+    status = cli("status", "--shared", name, "--store", cluster.url, "--json")  # an operator's view
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["calls"] == 40
+    assert json.loads(status.stdout)["tripped"]["limit"] == "shared_max_calls"
+    assert cli("reset", "--shared", name, "--store", cluster.url).returncode == 0
+    assert not any(budget_keys(cluster, name).values())
 
 
 def test_cluster_tenants_spread_over_nodes_each_hold_their_own_ceiling(cluster, server, client):
