@@ -1,26 +1,30 @@
 #!/usr/bin/env python
-"""What a shared budget on Redis adds to an OpenAI chat call, next to the in-memory store.
+"""What a shared budget on Redis (one node, and a Redis Cluster) adds to an OpenAI chat call.
 
     python benchmarks/shared_overhead.py            # ~1 min; writes benchmarks/results-shared.md
     python benchmarks/shared_overhead.py --quick    # ~15 s; writes benchmarks/results-shared-quick.md
 
-The parent starts a ``redis-server`` (Debian's package) and the package's
-``FakeOpenAIServer`` on 127.0.0.1, then measures in a child process (so neither server
+The parent starts a ``redis-server`` (Debian's package), a 3-node Redis Cluster
+(``redis-server --cluster-enabled yes`` joined by ``redis-cli --cluster create``) and the
+package's ``FakeOpenAIServer`` on 127.0.0.1, then measures in a child process (so no server
 competes with the client for the GIL). In that one process, round after round with the
-order rotating, four arms are timed:
+order rotating, six arms are timed:
 
 - ``off``: runguard installed, switched off (``RUNTIME.enabled = False``);
 - ``memory``: runguard on, in-memory store only;
 - ``redis``: runguard on, every call also charging a shared budget in Redis
   (``shared_max_calls`` and ``shared_max_cost_usd`` set, so each call holds and settles both);
-- ``ping``: one ``PING`` through the same redis-py client library (``redis.Redis.ping()``).
+- ``cluster``: the same, the budget on the cluster (``redis+cluster://``);
+- ``ping``: one ``PING`` through the same redis-py client library (``redis.Redis.ping()``);
+- ``ping_cluster``: one ``PING`` to the cluster node that owns the budget's slot.
 
 The switch between arms is made outside the timed region. Then blocks of back-to-back
 calls per store give a second view. Reported: the median of each arm,
 the paired per-round differences (memory - off, redis - off, redis - memory) with 95% CIs,
 and the Redis round trips per call, read from Redis' own ``INFO commandstats`` (scripts
-received) over a block of redis-arm calls. Targets: <= 2 round trips per call, and the redis arm's added
-median <= 2 x the PING median + the memory arm's added median.
+received, every node) over a block of calls of each store. Targets: the call waits for <= 1 round
+trip on one node and on the cluster (<= 2 in all, the settle included), and each store's added
+median <= 2 x its PING median + the memory arm's added median.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ MESSAGES = [
     {"role": "system", "content": "You are a terse assistant. Answer in one word."},
     {"role": "user", "content": "Is the benchmark running?"},
 ]
-ARMS = ("off", "memory", "redis", "ping")
+ARMS = ("off", "memory", "redis", "cluster", "ping", "ping_cluster")
 
 
 def script_calls(client) -> int:
@@ -66,11 +70,17 @@ def child(p: dict) -> dict:
     import runguard_autolog as runguard
     from runguard_autolog._runtime import RUNTIME
 
+    from runguard_autolog._shared import SharedStore, budget_from, shared_client
+
     runguard.autolog(max_calls=math.inf, max_input_tokens=math.inf, max_output_tokens=math.inf,
                      store=p["redis_url"], shared_budget="bench", shared_max_calls=10**12,
                      shared_max_cost_usd=10**9)
     shared, local = RUNTIME.store, RUNTIME.local
+    on_cluster = shared_client(p["cluster_url"])
+    stores = {"redis": shared, "cluster": SharedStore(local, on_cluster, budget_from(on_cluster, RUNTIME.settings))}
     pinger = redis.Redis.from_url(p["redis_url"])
+    cluster_pinger = redis.Redis(host="127.0.0.1", port=p["cluster_owner_port"])
+    pingers = {"ping": pinger, "ping_cluster": cluster_pinger}
     client = openai.OpenAI(base_url=p["base_url"], api_key="bench", max_retries=0)
 
     def call():
@@ -78,13 +88,13 @@ def child(p: dict) -> dict:
 
     def setup(arm: str) -> None:
         RUNTIME.enabled = arm != "off"
-        RUNTIME.store = shared if arm == "redis" else local
+        RUNTIME.store = stores.get(arm, local)
 
     def run(arm: str) -> int:
         setup(arm)
         start = perf_counter_ns()
-        if arm == "ping":
-            pinger.ping()
+        if arm in pingers:
+            pingers[arm].ping()
         else:
             call()
         return perf_counter_ns() - start
@@ -98,25 +108,29 @@ def child(p: dict) -> dict:
                 samples[arm].append(elapsed)
     # back to back: blocks of consecutive calls, so each settle (sent in the background) overlaps
     # the next call as it does in an agent loop; blocks alternate between the two stores
-    blocks = {"memory": [], "redis": []}
-    for i in range(2 * p["blocks"]):
-        arm = ("memory", "redis")[i % 2]
+    blocks = {"memory": [], "redis": [], "cluster": []}
+    for i in range(3 * p["blocks"]):
+        arm = ("memory", "redis", "cluster")[i % 3]
         setup(arm)
         start = perf_counter_ns()
         for _ in range(p["block_calls"]):
             call()
         blocks[arm].append((perf_counter_ns() - start) / p["block_calls"])
-    # round trips: the scripts Redis received over a block of redis-arm calls
-    setup("redis")
-    shared.budget.flush()
-    before = script_calls(pinger)
-    for _ in range(p["trip_calls"]):
-        call()
-    waited = (script_calls(pinger) - before) / p["trip_calls"]  # each call's reserve, carrying a settle
-    shared.budget.flush()
-    trips = (script_calls(pinger) - before) / p["trip_calls"]
+    # round trips: the scripts Redis received (every node) over a block of calls of each store
+    nodes = {"redis": [pinger], "cluster": [redis.Redis(host="127.0.0.1", port=port) for port in p["cluster_ports"]]}
+    trips, waited = {}, {}
+    for arm in ("redis", "cluster"):
+        setup(arm)
+        stores[arm].budget.flush()
+        before = sum(script_calls(node) for node in nodes[arm])
+        for _ in range(p["trip_calls"]):
+            call()
+        # each call's reserve (carrying the previous call's settle), before the last settle is sent
+        waited[arm] = (sum(script_calls(node) for node in nodes[arm]) - before) / p["trip_calls"]
+        stores[arm].budget.flush()
+        trips[arm] = (sum(script_calls(node) for node in nodes[arm]) - before) / p["trip_calls"]
     setup("memory")
-    sent = (p["warmup"] + p["rounds"]) * 3 + 2 * p["blocks"] * p["block_calls"] + p["trip_calls"]
+    sent = (p["warmup"] + p["rounds"]) * 4 + 3 * p["blocks"] * p["block_calls"] + 2 * p["trip_calls"]
     return {"samples": samples, "blocks": blocks, "round_trips_per_call": trips, "waited_per_call": waited,
             "requests": sent}
 
@@ -132,11 +146,13 @@ def render(result: dict, quick: bool, seconds: float, redis_version: str) -> str
 
     s = result["samples"]
     med = {arm: median_us(s[arm]) for arm in ARMS}
-    memory, redis_added, over_memory = paired(s["memory"], s["off"]), paired(s["redis"], s["off"]), \
-        paired(s["redis"], s["memory"])
-    ping = med["ping"]
-    allowed = 2 * ping + memory["added_us"]
-    trips = result["round_trips_per_call"]
+    memory = paired(s["memory"], s["off"])
+    added = {store: paired(s[store], s["off"]) for store in ("redis", "cluster")}
+    over_memory = {store: paired(s[store], s["memory"]) for store in ("redis", "cluster")}
+    pings = {"redis": med["ping"], "cluster": med["ping_cluster"]}
+    allowed = {store: 2 * pings[store] + memory["added_us"] for store in pings}
+    trips, waited = result["round_trips_per_call"], result["waited_per_call"]
+    shown = {"redis": "one node", "cluster": "cluster"}
     verdict = lambda ok: "PASS" if ok else "**FAIL**"  # noqa: E731
     ci = lambda r: f"{r['ci_us'][0]:.1f} to {r['ci_us'][1]:.1f}"  # noqa: E731
     command = "python benchmarks/shared_overhead.py" + (" --quick" if quick else "")
@@ -148,31 +164,36 @@ def render(result: dict, quick: bool, seconds: float, redis_version: str) -> str
         f"{len(s['off']):,} rounds. Figures are microseconds (us) per call.", "",
         "## Targets", "",
         "| target | measured | result |", "|---|---|---|",
-        f"| Redis round trips per call <= 2 | {trips:.2f} (the call waits for {result['waited_per_call']:.2f}) "
-        f"| {verdict(trips <= 2)} |",
-        f"| redis arm added median <= 2 x PING + memory arm added | {redis_added['added_us']:.1f} <= "
-        f"2 x {ping:.1f} + {memory['added_us']:.1f} = {allowed:.1f} | {verdict(redis_added['added_us'] <= allowed)} |",
+        *[f"| {shown[store]}: round trips a call waits for <= 1 (<= 2 in all) | {waited[store]:.2f} "
+          f"({trips[store]:.2f} in all) | {verdict(waited[store] <= 1 and trips[store] <= 2)} |" for store in shown],
+        *[f"| {shown[store]}: added median <= 2 x PING + memory arm added | {added[store]['added_us']:.1f} <= "
+          f"2 x {pings[store]:.1f} + {memory['added_us']:.1f} = {allowed[store]:.1f} | "
+          f"{verdict(added[store]['added_us'] <= allowed[store])} |" for store in shown],
         "", "## Arms (one process, interleaved rounds)", "",
         "| arm | median |", "|---|---:|",
         *[f"| {arm} | {med[arm]:,.1f} |" for arm in ARMS],
         "", "## Paired differences (per round)", "",
         "| difference | median | 95% CI |", "|---|---:|---|",
         f"| memory - off (runguard, in-memory store) | {memory['added_us']:.1f} | {ci(memory)} |",
-        f"| redis - off (runguard with a shared budget) | {redis_added['added_us']:.1f} | {ci(redis_added)} |",
-        f"| redis - memory (what the shared budget adds) | {over_memory['added_us']:.1f} | {ci(over_memory)} |",
+        *[f"| {store} - off (runguard with a shared budget, {shown[store]}) | {added[store]['added_us']:.1f} | "
+          f"{ci(added[store])} |" for store in shown],
+        *[f"| {store} - memory (what the shared budget adds, {shown[store]}) | {over_memory[store]['added_us']:.1f} | "
+          f"{ci(over_memory[store])} |" for store in shown],
         "", f"## Back to back ({len(result['blocks']['redis'])} blocks of {result['block_calls']} consecutive "
         "calls per store, alternating)", "",
         "Consecutive calls, as in an agent loop.", "",
         "| store | median of block means |", "|---|---:|",
         f"| memory | {statistics.median(result['blocks']['memory']) / 1e3:,.1f} |",
-        f"| redis | {statistics.median(result['blocks']['redis']) / 1e3:,.1f} |",
-        f"| redis - memory | {(statistics.median(result['blocks']['redis']) - statistics.median(result['blocks']['memory'])) / 1e3:,.1f} |",
+        *[f"| {store} | {statistics.median(result['blocks'][store]) / 1e3:,.1f} |" for store in shown],
+        *[f"| {store} - memory | {(statistics.median(result['blocks'][store]) - statistics.median(result['blocks']['memory'])) / 1e3:,.1f} |"
+          for store in shown],
         "",
         "A call with a shared budget waits for one script round trip, its reserve, which also "
         "carries the previous call's settle; a settle no call carries within 50 ms is sent by a "
         "background thread. Round trips per call are counted by Redis itself (`INFO commandstats`) "
         "over a block of calls, the last settle included. PING is one round trip through the same "
-        "client library (redis-py).",
+        "client library (redis-py); on the cluster, to the node that owns the budget's slot (a budget's "
+        "keys share one slot, so a call talks to one node).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -190,10 +211,13 @@ def main() -> None:
     started = time.monotonic()
     params = {"warmup": 100, "rounds": 600 if args.quick else 3000, "trip_calls": 200,
               "blocks": 4 if args.quick else 10, "block_calls": 100}
-    from tests._servers import RedisServer  # the same launcher the tests use
+    from tests._servers import LocalRedisCluster, RedisServer  # the same launchers the tests use
 
-    with tempfile.TemporaryDirectory() as directory, FakeOpenAIServer() as server, RedisServer(Path(directory)) as redis:
+    with tempfile.TemporaryDirectory() as directory, FakeOpenAIServer() as server, \
+            RedisServer(Path(directory)) as redis, LocalRedisCluster(Path(directory) / "cluster") as cluster:
         url = redis.url
+        params.update(cluster_url=cluster.url, cluster_owner_port=cluster.owner("runguard:{bench}:leases").port,
+                      cluster_ports=[node.port for node in cluster.nodes])
         version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
         env = {k: v for k, v in os.environ.items() if not k.startswith("RUNGUARD_")}
         env["_RUNGUARD_STRICT"] = "1"

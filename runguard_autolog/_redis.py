@@ -32,6 +32,8 @@ from typing import Any
 
 from ._config import StoreAddress, store_address
 
+_PID = [os.getpid()]  # this process's id, kept without a system call per command
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 WAIT_MS = 100  # how long a write waits for its replicas (below the read timeout)
 REDIRECTS = 8  # MOVED/ASK/NOSCRIPT answers followed for one command
 TRYAGAIN_S = 0.5  # how long a command waits out a slot whose keys are split mid-migration
@@ -132,7 +134,7 @@ class _Cluster:
 
 class _Connections(threading.local):
     def __init__(self) -> None:
-        self.pid = os.getpid()
+        self.pid = _PID[0]
         self.by_node: dict[Any, Any] = {}
 
 
@@ -213,39 +215,42 @@ class Transport:
         return sha
 
     # -- sending -----------------------------------------------------------------------------
-    def call(self, key: str, *command: Any) -> Any:
+    def call(self, key: str, *command: Any, write: bool = True) -> Any:
         """One command to the node owning ``key``; an error answer is raised."""
-        reply = self.one(key, command)
+        reply = self.one(key, command, write)
         if isinstance(reply, Exception):
             raise reply
         return reply
 
-    def one(self, key: str, command: tuple) -> Any:
+    def one(self, key: str, command: tuple, write: bool = True) -> Any:
         """One command to the node owning ``key`` (:meth:`batch` of one, without its grouping)."""
         node = self.topology.node_for(key)
-        reply = self._send(node, [command])[0]
+        reply = self._send(node, [command], False, write)[0]
         if isinstance(reply, self._again):
-            reply = self._follow((key, command), reply, node)
+            reply = self._follow((key, command), reply, node, write)
         return reply
 
-    def batch(self, items: Sequence[tuple[str, tuple]]) -> list[Any]:
+    def batch(self, items: Sequence[tuple[str, tuple]], write: bool = True) -> list[Any]:
         """Send each command to the node owning its key: one round trip per node, pipelined.
         Returns each reply, an error answer as its exception instance. A connection that
-        fails (down, slow, not replicated) raises: the caller's outage."""
+        fails (down, slow, not replicated) raises: the caller's outage. ``write``: the
+        commands write (with ``min_replicas``, they count once replicated)."""
         topology = self.topology
         groups: dict[Any, list[int]] = {}
         for index, (key, _) in enumerate(items):
             groups.setdefault(topology.node_for(key), []).append(index)
         replies: list[Any] = [None] * len(items)
         for node, indexes in groups.items():
-            for index, reply in zip(indexes, self._send(node, [items[i][1] for i in indexes])):
-                replies[index] = self._follow(items[index], reply, node) if isinstance(reply, self._again) else reply
+            for index, reply in zip(indexes, self._send(node, [items[i][1] for i in indexes], False, write)):
+                if isinstance(reply, self._again):
+                    reply = self._follow(items[index], reply, node, write)
+                replies[index] = reply
         return replies
 
     def _connection(self, node: Any) -> Any:
         mine = self._connections
-        if mine.pid != os.getpid():  # a forked child: the parent's sockets are not ours
-            mine.pid, mine.by_node = os.getpid(), {}
+        if mine.pid != _PID[0]:  # a forked child: the parent's sockets are not ours
+            mine.pid, mine.by_node = _PID[0], {}
         conn = mine.by_node.get(node)
         if conn is None:
             conn = mine.by_node[node] = self.topology.connect(node)
@@ -258,10 +263,10 @@ class Transport:
             self._all.add(conn)
         return conn
 
-    def _send(self, node: Any, commands: list[tuple], asking: bool = False) -> list[Any]:
+    def _send(self, node: Any, commands: list[tuple], asking: bool = False, write: bool = True) -> list[Any]:
         conn = self._connection(node)
         prefix = [("ASKING",)] if asking else []
-        suffix = [("WAIT", self.replicas, WAIT_MS)] if self.replicas else []
+        suffix = [("WAIT", self.replicas, WAIT_MS)] if self.replicas and write else []
         packed = conn.pack_commands([*prefix, *commands, *suffix])
         count = len(prefix) + len(commands) + len(suffix)
         for attempt in (1, 2):
@@ -292,7 +297,7 @@ class Transport:
         except self._response as error:  # an error answer: the caller sees it as that command's reply
             return error
 
-    def _follow(self, item: tuple[str, tuple], error: Exception, node: Any) -> Any:
+    def _follow(self, item: tuple[str, tuple], error: Exception, node: Any, write: bool = True) -> Any:
         """Send one command again after ``node`` answered MOVED/ASK/TRYAGAIN/NOSCRIPT (bounded)."""
         key, command = item
         errors = self._errors
@@ -315,7 +320,7 @@ class Transport:
                 source = self._scripts.get(command[1] if isinstance(command[1], str) else "")
                 if source is None:
                     return error
-                loaded = self._send(node, [("SCRIPT", "LOAD", source)])[0]
+                loaded = self._send(node, [("SCRIPT", "LOAD", source)], False, False)[0]
                 if isinstance(loaded, Exception):
                     return loaded
             else:
@@ -323,7 +328,7 @@ class Transport:
             redirects += 1
             if redirects > REDIRECTS:
                 return error
-            reply = self._send(node, [command], asking=asking)[0]
+            reply = self._send(node, [command], asking, write)[0]
             if not isinstance(reply, self._again):
                 return reply
             error = reply
@@ -334,7 +339,7 @@ class Transport:
         found: list[bytes] = []
         cursor: Any = 0
         while True:
-            reply = self._send(node, [("SCAN", cursor, "MATCH", match, "COUNT", 1000)])[0]
+            reply = self._send(node, [("SCAN", cursor, "MATCH", match, "COUNT", 1000)], False, False)[0]
             if isinstance(reply, Exception):
                 raise reply
             cursor, keys = reply

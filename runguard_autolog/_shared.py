@@ -503,7 +503,8 @@ class SharedClient:
         """A script on ``budget``'s keys and the window starting at ``start``; an error answer raises."""
         window_key = budget.window_key(start)
         keys = (*budget.keys, window_key)
-        return self._transport.call(window_key, "EVALSHA", self._shas[script], 4, *keys, budget.head, *args)
+        command = ("EVALSHA", self._shas[script], 4, *keys, budget.head, *args)
+        return self._transport.call(window_key, *command, write=script != "snapshot")
 
     def reserve(self, budget: SharedBudget, window_key: str, args: list) -> Any:
         """The reserve script: the round trip a call waits for, over a connection this thread

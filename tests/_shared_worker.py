@@ -57,7 +57,9 @@ def main() -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    runguard.flush()
+    deadline = time.monotonic() + 15  # after an outage, until what is owed has reached the store
+    while not runguard.flush(2.0) and time.monotonic() < deadline:
+        time.sleep(0.2)
     print(json.dumps({"done": done[0], "refused": refused}), flush=True)
 
 
