@@ -1314,7 +1314,7 @@ class SharedStore:
 
 
 _IO: list = [None, 0]  # the I/O threads async calls reserve through, and the process they belong to
-IO_THREADS = 4  # one connection to the store each; a reserve is one short round trip
+IO_THREADS = 2  # one connection to the store each; a reserve is one short round trip
 
 
 def _io_pool() -> concurrent.futures.ThreadPoolExecutor:

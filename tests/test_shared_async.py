@@ -16,7 +16,7 @@ import pytest
 import redis
 
 import runguard_autolog as runguard
-from runguard_autolog import _runtime
+from runguard_autolog import _runtime, _shared
 from runguard_autolog.testing import Reply
 
 from .conftest import MESSAGES, MODEL
@@ -164,10 +164,10 @@ def test_the_io_threads_are_few_and_shared_by_every_budget(private_redis, server
     asyncio.run(scenario())
     assert runguard.flush()
     io_threads = [t for t in threading.enumerate() if t.name.startswith("runguard-store-io")]
-    assert 0 < len(io_threads) <= 4
+    assert 0 < len(io_threads) <= _shared.IO_THREADS == 2
     assert server.count() == 300
     clients = redis.Redis.from_url(private_redis.url).client_list()
-    assert len(clients) <= 4 + 2 + 1  # I/O threads, this thread and the writer, the admin
+    assert len(clients) <= 2 + 2 + 1  # I/O threads, this thread and the writer, the admin
     assert _runtime.RUNTIME.store.client._transport is not None
 
 
@@ -196,8 +196,8 @@ def test_ten_thousand_budget_names_in_one_process(private_redis, server):
     assert not store_client._pending and not store_client._live and not store_client._unsettled
     assert server.count() == 10_000
     names = [t.name for t in threading.enumerate()]
-    assert names.count("runguard-shared-budget") == 1 and sum(n.startswith("runguard-store-io") for n in names) <= 4
-    assert len(redis.Redis.from_url(private_redis.url).client_list()) <= 4 + 2 + 1
+    assert names.count("runguard-shared-budget") == 1 and sum(n.startswith("runguard-store-io") for n in names) <= 2
+    assert len(redis.Redis.from_url(private_redis.url).client_list()) <= 2 + 2 + 1
     admin = redis.Redis.from_url(private_redis.url)
     pipe = admin.pipeline(transaction=False)
     for budget in tenants:
