@@ -289,6 +289,7 @@ class StoreAddress(NamedTuple):
     db: int
     tls: bool
     min_replicas: int  # replicas a write must reach before it counts (0: the primary's word)
+    timeouts: dict[str, float]  # cluster, sentinel: socket_timeout / socket_connect_timeout from the URL
 
 
 def store_address(text: str, where: str = "store") -> StoreAddress:
@@ -315,6 +316,19 @@ def store_address(text: str, where: str = "store") -> StoreAddress:
         raise bad("min_replicas must be a whole number of replicas (0-99)")
     min_replicas = int(replicas[-1]) if replicas else 0
     kept = "&".join(f"{name}={value}" if eq else name for name, eq, value in options if name != "min_replicas")
+    timeouts: dict[str, float] = {}
+    if "+" in scheme:  # redis-py reads a node URL's own options; these two are read here
+        for name, _, value in options:
+            if name == "min_replicas":
+                continue
+            if name not in ("socket_timeout", "socket_connect_timeout"):
+                raise bad(f"unknown option {name!r} (use socket_timeout, socket_connect_timeout or min_replicas)")
+            try:
+                timeouts[name] = float(value)
+            except ValueError:
+                raise bad(f"{name} must be a number of seconds") from None
+            if not 0 < timeouts[name] < 3600:
+                raise bad(f"{name} must be a number of seconds") from None
     if "+" not in scheme:
         url = f"{scheme}://{rest}" + (f"?{kept}" if kept else "")
         try:
@@ -333,7 +347,7 @@ def store_address(text: str, where: str = "store") -> StoreAddress:
                 raise bad("the database must be a number")
             if port is not None and not 0 < port < 65536:
                 raise bad("bad port")
-        return StoreAddress("node", url, (), None, None, None, 0, scheme == "rediss", min_replicas)
+        return StoreAddress("node", url, (), None, None, None, 0, scheme == "rediss", min_replicas, {})
     location, _, path = rest.partition("/")
     credentials, at, host_list = location.rpartition("@")
     username = password = None
@@ -359,7 +373,7 @@ def store_address(text: str, where: str = "store") -> StoreAddress:
     if kind == "cluster" and db:
         raise bad("Redis Cluster has only database 0")
     return StoreAddress(
-        kind, text, tuple(hosts), username, password, service, db, scheme.startswith("rediss"), min_replicas
+        kind, text, tuple(hosts), username, password, service, db, scheme.startswith("rediss"), min_replicas, timeouts
     )
 
 

@@ -139,7 +139,7 @@ class _Connections(threading.local):
 
 
 def _client_kwargs(address: StoreAddress, timeouts: dict) -> dict:
-    kwargs: dict[str, Any] = dict(timeouts)
+    kwargs: dict[str, Any] = {**timeouts, **address.timeouts}
     if address.username:
         kwargs["username"] = address.username
     if address.password is not None:
@@ -169,6 +169,7 @@ class Transport:
         }
         self.replicas = 0
         self.topology: _Node | _Cluster
+        self._capped = not isinstance(store, str)  # a client's own timeouts are capped at ours
         if not isinstance(store, str):  # a redis-py client the application built
             if hasattr(store, "nodes_manager"):
                 kwargs = {**store.nodes_manager.connection_kwargs, **timeouts}
@@ -255,10 +256,11 @@ class Transport:
         if conn is None:
             conn = mine.by_node[node] = self.topology.connect(node)
             connect_timeout, read_timeout = self._timeouts
-            # a client the application built keeps its settings, within ours: a dead store never hangs a call
-            if conn.socket_timeout is None or conn.socket_timeout > read_timeout:
+            # a client the application built keeps its settings, within ours: a dead store never hangs
+            # a call (a URL's own ?socket_timeout= is the user's choice, and kept)
+            if self._capped and (conn.socket_timeout is None or conn.socket_timeout > read_timeout):
                 conn.socket_timeout = read_timeout
-            if conn.socket_connect_timeout is None or conn.socket_connect_timeout > connect_timeout:
+            if self._capped and (conn.socket_connect_timeout is None or conn.socket_connect_timeout > connect_timeout):
                 conn.socket_connect_timeout = connect_timeout
             self._all.add(conn)
         return conn

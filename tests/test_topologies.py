@@ -287,3 +287,37 @@ def test_store_accepts_a_redis_py_client(kind, cluster, server, client, name, tm
         runguard.autolog(store="memory")
         if group is not None:
             group.stop()
+
+
+# -- store URLs ------------------------------------------------------------------------------
+@pytest.mark.parametrize("url, named", [
+    ("redis+cluster://127.0.0.1:7000,127.0.0.1:7001?retries=3", "unknown option 'retries'"),
+    ("redis+cluster://127.0.0.1:7000?socket_timeout=soon", "socket_timeout must be a number"),
+    ("redis+sentinel://127.0.0.1:26379", "names the primary"),
+    ("redis+cluster://127.0.0.1:7000/2", "only database 0"),
+    ("redis://127.0.0.1:6379/0?min_replicas=-1", "min_replicas"),
+    ("redis+cluster://u:s3cret@127.0.0.1", "host:port"),
+])
+def test_a_bad_store_url_is_an_error_naming_it_without_its_password(url, named, monkeypatch):
+    with pytest.raises(runguard.RunGuardConfigError) as bad:
+        runguard.autolog(store=url, shared_budget="b", shared_max_calls=1)
+    assert "store=" in str(bad.value) and named in str(bad.value) and "s3cret" not in str(bad.value)
+    monkeypatch.setenv("RUNGUARD_STORE", url)
+    with pytest.raises(runguard.RunGuardConfigError) as bad:
+        runguard.autolog(shared_budget="b", shared_max_calls=1)
+    assert "RUNGUARD_STORE" in str(bad.value) and "s3cret" not in str(bad.value)
+
+
+def test_a_store_url_keeps_its_own_socket_timeout(private_redis, server, client, name):
+    """``?socket_timeout=2``: a store slower than runguard's default 0.25 s is waited for."""
+    runguard.autolog(store=private_redis.url + "?socket_timeout=2", shared_budget=name, shared_max_calls=5,
+                     max_calls="none")
+    chat(client)
+    admin = redis.Redis.from_url(private_redis.url, socket_timeout=5)
+    sleeper = threading.Thread(target=admin.execute_command, args=("DEBUG", "SLEEP", 0.5))
+    sleeper.start()
+    time.sleep(0.05)
+    chat(client)  # waited for, not an outage
+    sleeper.join()
+    assert runguard.flush()
+    assert server.count() == 2 == runguard.current_shared().calls
