@@ -246,15 +246,21 @@ def admit(endpoint: Endpoint, request: Any, defer: bool = False) -> Call:
     return call
 
 
-async def admit_shared(call: Call) -> None:
+async def admit_shared(call: Call) -> bool:
     """An async call's reserve in a shared store, awaited off the event loop (the store's I/O
-    threads; see ``SharedStore.areserve``); then the refusal policy, as :func:`begin` applies it."""
+    threads; see ``SharedStore.areserve``); then the refusal policy, as :func:`begin` applies it.
+    False: runguard itself failed (logged once, nothing held), and the call goes once, unguarded."""
     enforce, found = call.deferred  # type: ignore[misc]
     call.deferred = None
-    refusal = await RUNTIME.store.areserve(call, enforce) or found
+    try:
+        refusal = await RUNTIME.store.areserve(call, enforce) or found
+    except Exception as error:
+        internal_error("preflight", error)  # strict mode (tests) re-raises
+        return False
     call.refusal = refusal
     if refusal is not None:
         refuse(call, refusal.trip, refusal.new, call.endpoint.name)
+    return True
 
 
 def _cost_limited(charges: list) -> bool:

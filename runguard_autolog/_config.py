@@ -244,34 +244,26 @@ def parse_artifact_breach(value: Any, where: str = "artifact_breach") -> str:
 
 
 def redact(url: Any) -> str:
-    """A store URL safe to print: any password replaced by ``***`` (a client object: its type)."""
+    """A store URL safe to print: any password replaced by ``***`` (a client object: its type).
+
+    The credentials are whatever comes before the *last* ``@`` of the URL (a password may hold
+    ``@``, ``/``, ``?`` or ``#``), so nothing of a password survives, whatever the URL form."""
     if not isinstance(url, str):
         return f"<{type(url).__module__}.{type(url).__qualname__} client>"
     scheme, sep, rest = url.partition("://")
-    if sep and "," in rest.split("/", 1)[0]:  # redis+cluster://h1:p1,h2:p2: urlsplit cannot read it
-        credentials, at, hosts = rest.partition("@")
-        if at and ":" in credentials.split("/", 1)[0]:
-            url = f"{scheme}://{credentials.split(':', 1)[0]}:***@{hosts}"
-        return re.sub(
-            r"([?&][^=&]*(?:password|passwd|pwd|secret|token|key)[^=&]*=)[^&]*", r"\1***", url, flags=re.IGNORECASE
-        )
-    try:
-        parts = original = urlsplit(url)
-        if parts.password is not None:
-            user = parts.username or ""
-            host = parts.netloc.rsplit("@", 1)[1]
-            parts = parts._replace(netloc=f"{user}:***@{host}")
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.query:  # redis-py also takes ?password=... (and a TLS key path may carry one)
-        query = re.sub(
-            r"((?:^|&)[^=&]*(?:password|passwd|pwd|secret|token|key)[^=&]*=)[^&]*",
-            r"\1***",
-            parts.query,
-            flags=re.IGNORECASE,
-        )
-        parts = parts._replace(query=query)
-    return url if parts == original else parts.geturl()  # geturl() drops the // of sqlite:////path
+    at = rest.rfind("@")
+    if sep and at > 0 and not rest.startswith("/"):  # sqlite:////path has no credentials
+        credentials, host = rest[:at], rest[at + 1 :]
+        user, colon, _ = credentials.partition(":")
+        if colon:
+            credentials = f"{user}:***"
+        elif any(mark in credentials for mark in "/?#&="):
+            credentials = "***"
+        url = f"{scheme}://{credentials}@{host}"
+    # redis-py also takes ?password=... (and a TLS key path may carry one)
+    return re.sub(
+        r"([?&][^=&]*(?:password|passwd|pwd|secret|token|key)[^=&]*=)[^&]*", r"\1***", url, flags=re.IGNORECASE
+    )
 
 
 STORE_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel")
@@ -309,6 +301,9 @@ def store_address(text: str, where: str = "store") -> StoreAddress:
     if not sep or scheme not in STORE_SCHEMES:
         return_error = "use 'memory' or a redis://, rediss://, unix://, redis+cluster:// or redis+sentinel:// URL"
         raise bad(return_error if sep else "not a URL")
+    credentials = ""
+    if "+" in scheme and "@" in rest:  # a password may hold '?', '/' or '@': the last '@' ends it
+        credentials, _, rest = rest.rpartition("@")
     rest, _, query = rest.partition("?")
     options = [pair.partition("=") for pair in query.split("&") if pair]
     replicas = [value for name, _, value in options if name == "min_replicas"]
@@ -348,10 +343,9 @@ def store_address(text: str, where: str = "store") -> StoreAddress:
             if port is not None and not 0 < port < 65536:
                 raise bad("bad port")
         return StoreAddress("node", url, (), None, None, None, 0, scheme == "rediss", min_replicas, {})
-    location, _, path = rest.partition("/")
-    credentials, at, host_list = location.rpartition("@")
+    host_list, _, path = rest.partition("/")
     username = password = None
-    if at:
+    if credentials:
         user, colon, secret = credentials.partition(":")
         username, password = (user or None), (secret if colon else None)
     hosts = []

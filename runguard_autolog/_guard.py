@@ -122,8 +122,8 @@ def async_driver(endpoint: Endpoint) -> Callable[..., Any]:
         call = begin(endpoint, instance, args, kwargs, True)
         if call is None:
             return await wrapped(*args, **kwargs)
-        if call.deferred is not None:  # a shared store: its reserve is awaited, never waited for
-            await admit_shared(call)
+        if call.deferred is not None and not await admit_shared(call):  # awaited, never waited for
+            return await wrapped(*args, **kwargs)  # runguard failed: once, unguarded
         token = in_call.set(call)
         try:
             result = await wrapped(*args, **kwargs)

@@ -37,6 +37,7 @@ os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 WAIT_MS = 100  # how long a write waits for its replicas (below the read timeout)
 REDIRECTS = 8  # MOVED/ASK/NOSCRIPT answers followed for one command
 TRYAGAIN_S = 0.5  # how long a command waits out a slot whose keys are split mid-migration
+LOAD_S = 0.5  # how long reading a cluster's slot map may take (nodes tried in turn until then)
 
 
 class NotReplicated(OSError):
@@ -44,7 +45,8 @@ class NotReplicated(OSError):
 
 
 class _Node:
-    """One node (or a Sentinel-managed primary): a redis-py pool that makes connections."""
+    """One node (or a Sentinel-managed primary): connections made as a redis-py pool makes them,
+    outside its count (an application's own pool is never drawn from: its limit stays its own)."""
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
@@ -53,7 +55,7 @@ class _Node:
         return None
 
     def connect(self, node: Any) -> Any:
-        return self.pool.make_connection()
+        return self.pool.connection_class(**self.pool.connection_kwargs)
 
     def moved(self, slot: int, host: str, port: int) -> bool:
         return False  # not a cluster: a MOVED answer is an error
@@ -69,10 +71,10 @@ class _Cluster:
         import redis
 
         self._redis = redis
-        self.hosts = list(hosts)
+        self.startup = list(hosts)
+        self.hosts = list(hosts)  # the startup nodes, then the primaries the last map named
         self.kwargs = kwargs
         self.slots: list[tuple[str, int]] | None = None
-        self._lock = threading.Lock()
         from redis.crc import key_slot
 
         self._key_slot = key_slot
@@ -90,9 +92,7 @@ class _Cluster:
     def moved(self, slot: int, host: str, port: int) -> bool:
         slots = self.slots
         if slots is not None:
-            slots[slot] = (host, port)
-            if (host, port) not in self.hosts:
-                self.hosts.append((host, port))
+            slots[slot] = (host, port)  # one list item: atomic under the GIL
         return True
 
     def lost(self) -> None:
@@ -100,36 +100,40 @@ class _Cluster:
         self.slots = None
 
     def _load(self) -> list[tuple[str, int]]:
-        with self._lock:
-            if self.slots is not None:
-                return self.slots
-            error: BaseException | None = None
-            for node in list(self.hosts):
-                conn = self.connect(node)
-                try:
-                    conn.send_command("CLUSTER", "SLOTS")
-                    ranges = conn.read_response()
-                except (self._redis.exceptions.RedisError, OSError) as failure:
-                    error = failure
-                    continue
-                finally:
-                    conn.disconnect()
-                slots: list[Any] = [None] * 16384
-                for first, last, primary, *_ in ranges:
-                    host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
-                    owner = (host or node[0], int(primary[1]))
-                    if owner not in self.hosts:
-                        self.hosts.append(owner)
-                    for slot in range(int(first), int(last) + 1):
-                        slots[slot] = owner
-                if None in slots:
-                    error = self._redis.exceptions.ClusterDownError("not every slot is served")
-                    continue
-                self.slots = slots
-                return slots
-            raise self._redis.exceptions.ConnectionError(
-                f"no node of the cluster answered CLUSTER SLOTS ({type(error).__name__})"
-            )
+        """Read the slot map from the first node that answers, within ``LOAD_S``. No lock: threads
+        that find it missing at once each read it (bounded), none waits behind another's I/O."""
+        error: BaseException | None = None
+        deadline = time.monotonic() + LOAD_S
+        for node in list(self.hosts):
+            if time.monotonic() >= deadline:
+                break
+            conn = self.connect(node)
+            try:
+                conn.send_command("CLUSTER", "SLOTS")
+                ranges = conn.read_response()
+            except (self._redis.exceptions.RedisError, OSError) as failure:
+                error = failure
+                continue
+            finally:
+                conn.disconnect()
+            slots: list[Any] = [None] * 16384
+            owners = []
+            for first, last, primary, *_ in ranges:
+                host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
+                owner = (host or node[0], int(primary[1]))
+                owners.append(owner)
+                for slot in range(int(first), int(last) + 1):
+                    slots[slot] = owner
+            if None in slots:
+                error = self._redis.exceptions.ClusterDownError("not every slot is served")
+                continue
+            # the nodes to ask next time: the primaries now, then the startup nodes (no dead address piles up)
+            self.hosts = list(dict.fromkeys([*owners, *self.startup]))
+            self.slots = slots
+            return slots
+        raise self._redis.exceptions.ConnectionError(
+            f"no node of the cluster answered CLUSTER SLOTS ({type(error).__name__})"
+        )
 
 
 class _Connections(threading.local):
@@ -202,8 +206,9 @@ class Transport:
         self._connections = _Connections()
         self._all: weakref.WeakSet[Any] = weakref.WeakSet()  # every connection alive, to close them
         self._scripts: dict[str, str] = {}
-        self._retried = (redis.exceptions.ConnectionError,)
-        self._timeout = redis.exceptions.TimeoutError
+        self._retried = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        self._timeout = redis.exceptions.TimeoutError  # not a ConnectionError in redis-py: never re-sent
+        self._retry = timeouts["retry"]
         self._response = redis.exceptions.ResponseError
         self._again = (redis.exceptions.AskError, redis.exceptions.TryAgainError, redis.exceptions.NoScriptError)
 
@@ -262,6 +267,8 @@ class Transport:
                 conn.socket_timeout = read_timeout
             if self._capped and (conn.socket_connect_timeout is None or conn.socket_connect_timeout > connect_timeout):
                 conn.socket_connect_timeout = connect_timeout
+            if self._capped:  # nor its retries with backoff: one immediate retry on connect, as ours
+                conn.retry = self._retry
             self._all.add(conn)
         return conn
 

@@ -300,11 +300,14 @@ _RESERVE = _RESERVE.replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
 _SETTLE = _SETTLE.replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
 
 # One more HTTP attempt of an admitted call. KEYS[4] its window, ARGV[2] seconds spent so far,
-# ARGV[3] checks "<index>:<threshold>,...", ARGV[4] enforce (1/0). Returns {1} admitted (one more
-# request used), {0, trip} tripped before, {2, trip, sticky} refused.
+# ARGV[3] checks "<index>:<threshold>,...", ARGV[4] enforce (1/0), ARGV[5] the attempt's id (an
+# attempt counted once: sent again after a lost reply, or owed after an outage, it is not counted
+# twice). Returns {1} admitted (one more request used), {0, trip} tripped before, {2, trip,
+# sticky} refused.
 _RETRY = (
     _PRELUDE
     + """
+if redis.call('ZSCORE', KEYS[3], ARGV[5]) then return {1} end
 local start = declared
 local wkey = KEYS[4]
 local v = load(wkey)
@@ -333,6 +336,9 @@ end
 if result == nil or ARGV[4] == '0' then
   v[2] = v[2] + 1
   dirty[2] = true
+  local _, now = clock()
+  redis.call('ZADD', KEYS[3], now, ARGV[5])
+  redis.call('PEXPIRE', KEYS[3], SETTLED_KEEP_MS)
 end
 save(wkey, start, v, dirty)
 return result or {1}
@@ -340,6 +346,8 @@ return result or {1}
 )
 
 # ARGV[2..]: leases of calls still running here; each is extended by a lease.
+_RETRY = _RETRY.replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
+
 _RENEW = (
     _PRELUDE
     + """
@@ -930,12 +938,14 @@ class SharedBudget:
     def retry(self, lease: Lease, seconds: float, enforce: bool = True) -> Refusal | None:
         """One more HTTP attempt of the call holding ``lease``: admitted as one more request, or refused."""
         client = self.client
+        attempt = client.new_id()
         if lease.member.startswith("#") or client.down():
-            return self._retry_outage(lease.start, seconds, None)
+            return self._retry_outage(lease.start, seconds, None, attempt)
         try:
-            reply = client.run(self, "retry", lease.start, [_amount(seconds), self.check_text, "1" if enforce else "0"])
+            args = [_amount(seconds), self.check_text, "1" if enforce else "0", attempt]
+            reply = client.run(self, "retry", lease.start, args)
         except client._outage_error_types as error:
-            return self._retry_outage(lease.start, seconds, error)
+            return self._retry_outage(lease.start, seconds, error, attempt)
         if reply[0] == 1:
             return None
         trip = self.trip(reply[1])
@@ -1016,16 +1026,19 @@ class SharedBudget:
         )
         return Refusal(self.scope, trip, False, False)
 
-    def _retry_outage(self, start: str, seconds: float, error: BaseException | None) -> Refusal | None:
+    def _retry_outage(self, start: str, seconds: float, error: BaseException | None, attempt: str) -> Refusal | None:
         """A retry the store could not admit: refused under fail_closed; under fail_open it goes,
-        and its request (and the seconds before it) is owed to the budget, applied once."""
+        and its request (and the seconds before it) is owed to the budget, applied once: by the
+        attempt's id, so a retry script that did run before its reply was lost is not counted twice.
+        (Under fail_closed such a script's request stays counted, though the attempt is not sent:
+        the budget errs toward refusing sooner.)"""
         if error is not None:
             self.client.mark_down(error)
         if self.outage == "fail_open":
             actual = tuple(
                 1 if index == REQUESTS else seconds if index == SECONDS else 0 for index in range(len(COUNTERS))
             )
-            self.client.owe(Lease(self, f"#{self.client.new_id()}", start), actual)
+            self.client.owe(Lease(self, f"#{attempt}", start), actual)
             return None
         return self.closed()
 
@@ -1168,17 +1181,25 @@ class SharedStore:
         refusal = self.local.reserve(reservation, enforce)
         if refusal is not None and enforce:
             return refusal
-        budgets = self.budgets(reservation.charges)
-        if not budgets:
-            return refusal
         try:
-            future = _io_pool().submit(self._reserve_shared, reservation, enforce, refusal, budgets)
-        except RuntimeError:  # the interpreter is exiting: no new threads; wait here instead
-            return self._reserve_shared(reservation, enforce, refusal, budgets)
+            budgets = self.budgets(reservation.charges)
+            if not budgets:
+                return refusal
+            try:
+                loop = asyncio.get_running_loop()
+                future = _io_pool().submit(self._reserve_shared, reservation, enforce, refusal, budgets)
+            except RuntimeError:  # not asyncio's loop (trio), or the interpreter exiting: wait here
+                return self._reserve_shared(reservation, enforce, refusal, budgets)
+        except Exception:
+            self.local.release(reservation)  # runguard's own failure: the caller goes unguarded, holding nothing
+            raise
         try:
-            return await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(future, loop=loop)
         except asyncio.CancelledError:
             future.add_done_callback(lambda done: self._reserve_cancelled(reservation, done))
+            raise
+        except Exception:
+            self.release(reservation)
             raise
 
     def _reserve_cancelled(self, reservation, done) -> None:
@@ -1186,8 +1207,8 @@ class SharedStore:
         try:
             if done.cancelled():  # it never ran: only the local hold
                 self.local.release(reservation)
-            elif done.exception() is None:
-                self.release(reservation)  # a refusal released it already (settled: a no-op)
+            else:  # what it holds (a refusal released it already: settled, a no-op)
+                self.release(reservation)
         except Exception as error:
             log_once(
                 ("cancelled-reserve", type(error).__name__),
@@ -1259,11 +1280,12 @@ class SharedStore:
         if not leases:
             return refusal
         try:
+            loop = asyncio.get_running_loop()
             future = _io_pool().submit(self._retry_shared, reservation, seconds, enforce, refusal, leases)
-        except RuntimeError:
+        except RuntimeError:  # not asyncio's loop (trio), or the interpreter exiting: wait here
             return self._retry_shared(reservation, seconds, enforce, refusal, leases)
         try:
-            return await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(future, loop=loop)
         except asyncio.CancelledError:
             future.add_done_callback(lambda done: self._retry_cancelled(reservation, leases, enforce, done))
             raise

@@ -98,10 +98,13 @@ class StreamMeter:
         call = self.call
         if call is not None and call.deferred is not None:
             try:
-                await admit_shared(call)
+                admitted = await admit_shared(call)
             except BaseException:
                 self.done = True
                 raise
+            if not admitted:  # runguard failed: the stream goes on unmetered
+                self.call = None
+                self.done = True
 
     def account(self, chunk: Any) -> tuple | None:
         """Count one chunk; ``(scope, trip, what a callable on_trip raised or None)`` when the stream
