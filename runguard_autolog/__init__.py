@@ -76,7 +76,7 @@ def autolog(
     unpriced: str | None = None,
     window: str | int | None = None,
     agent: str | None = None,
-    store: str | None = None,
+    store: Any = None,
     shared_budget: str | None = None,
     shared_max_calls: float | str | None = None,
     shared_max_requests: float | str | None = None,

@@ -617,6 +617,70 @@ SHOWN_SETTINGS = (
 )
 
 
+# what each setting means: the one table the configuration reference (docs) is generated from
+MEANINGS: dict[str, str] = {
+    "max_calls": "LLM calls (chat, completions, responses, embeddings, Anthropic messages)",
+    "max_input_tokens": "prompt tokens",
+    "max_output_tokens": "completion tokens",
+    "max_total_tokens": "input + output tokens",
+    "max_cost_usd": "USD, priced by genai-prices or `runguard.register_price()`",
+    "max_requests": "HTTP attempts to LLM endpoints, SDK retries included",
+    "max_consecutive_429s": "429 (and Anthropic's 529) responses in a row; any success resets it",
+    "max_request_latency_s": "seconds spent inside LLM HTTP attempts",
+    "max_artifact_writes": "artifact files written per MLflow run",
+    "max_artifact_bytes": "artifact bytes written per MLflow run (`10MiB`, `512KB`)",
+    "max_eval_llm_calls": "judge + agent calls of one evaluation",
+    "loop_repeats": "the same tool call seen N times in the recent window",
+    "loop_identical_requests": "the identical request (model + messages) seen N times",
+    "max_context_fraction": "forecast prompt share of the model's context window",
+    "on_trip": "`raise`, `warn` (shadow mode: record, send anyway) or a callable",
+    "artifact_breach": "past the artifact budget: `consolidate`, or `raise` too",
+    "disabled_integrations": "integrations left unpatched, comma-separated: " + ", ".join(INTEGRATION_NAMES),
+    "unpriced": "a call to a model with no known price while a cost limit is set: `allow` or `refuse`",
+    "prices": "a JSON file of prices: `{model: {input_usd_per_mtok, output_usd_per_mtok, ...} | {same_as}}`",
+    "window": "fixed windows of the process and run scopes: `minute`, `hour`, `day` or seconds",
+    "agent": "the agent's name: the `runguard.agent` tag on its runs, grouped by in the report",
+    "store": "where shared budgets live: `memory`, a Redis URL or a redis-py client",
+    "shared_budget": "the name of the budget every process of a job charges",
+    **{
+        name: f"the shared budget's {MEANINGS_OF_SHARED}"
+        for name, MEANINGS_OF_SHARED in (
+            ("shared_max_calls", "calls"),
+            ("shared_max_requests", "HTTP attempts"),
+            ("shared_max_input_tokens", "prompt tokens"),
+            ("shared_max_output_tokens", "completion tokens"),
+            ("shared_max_total_tokens", "input + output tokens"),
+            ("shared_max_cost_usd", "USD"),
+            ("shared_max_request_latency_s", "seconds inside LLM HTTP attempts"),
+        )
+    },
+    "shared_window": "fixed windows of the shared budget: `minute`, `hour`, `day` or seconds",
+    "store_outage": "what a call does while the store cannot be reached: `fail_closed` or `fail_open`",
+    "shared_lease_s": "seconds a dead process's reservations can block the budget",
+}
+KEYWORDLESS = frozenset({"prices"})  # set by its environment variable only
+
+
+def reference() -> list[dict[str, str]]:
+    """The configuration reference: each setting's keyword, variable, default and meaning."""
+    defaults = resolve({}, {})
+    rows = []
+    for name in SHOWN_SETTINGS:
+        value = shown_value(name, defaults[name].value)
+        if isinstance(value, list):
+            value = ", ".join(value) or None
+        default = "none" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+        rows.append(
+            {
+                "keyword": "" if name in KEYWORDLESS else name,
+                "variable": env_name(name),
+                "default": default,
+                "meaning": MEANINGS[name],
+            }
+        )
+    return rows
+
+
 def shown_value(name: str, value: Any) -> Any:
     """A setting's value as ``runguard config`` shows it (JSON-safe; no password)."""
     if name == "prices" and isinstance(value, dict):
