@@ -1262,22 +1262,22 @@ class SharedStore:
         for lease in leases or ():
             lease.budget.release(lease)
 
-    def retry(self, reservation, seconds, enforce=True):
+    def _retry_here(self, reservation, seconds, enforce):
+        """The local scopes first: (their refusal, the leases whose budgets are still to ask:
+        none when the local answer decides)."""
         refusal = self.local.retry(reservation, seconds, enforce)
         if refusal is not None and enforce:
-            return refusal
-        leases = getattr(reservation, "lease", None)
-        if not leases:
-            return refusal
-        return self._retry_shared(reservation, seconds, enforce, refusal, leases)
+            return refusal, None
+        return refusal, getattr(reservation, "lease", None) or None
+
+    def retry(self, reservation, seconds, enforce=True):
+        refusal, leases = self._retry_here(reservation, seconds, enforce)
+        return refusal if leases is None else self._retry_shared(reservation, seconds, enforce, refusal, leases)
 
     async def aretry(self, reservation, seconds, enforce=True):
         """:meth:`retry` for an async call (off the event loop, like :meth:`areserve`)."""
-        refusal = self.local.retry(reservation, seconds, enforce)
-        if refusal is not None and enforce:
-            return refusal
-        leases = getattr(reservation, "lease", None)
-        if not leases:
+        refusal, leases = self._retry_here(reservation, seconds, enforce)
+        if leases is None:
             return refusal
         try:
             loop = asyncio.get_running_loop()

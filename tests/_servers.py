@@ -182,15 +182,16 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def arguments(self, binary: str) -> list[str]:
+        return [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                "--dir", str(self.directory), *self.extra]
+
     def start(self) -> "RedisServer":
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (Debian package redis-server)")
-        self.process = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory), *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
+        self.process = subprocess.Popen(self.arguments(binary), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -434,21 +435,5 @@ class LocalSentinels:
 class _Sentinel(RedisServer):
     """``redis-server <conf> --sentinel`` (the sentinel rewrites its configuration file)."""
 
-    def start(self) -> "RedisServer":
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (Debian package redis-server)")
-        self.process = subprocess.Popen([binary, str(self.directory / "sentinel.conf"), "--sentinel"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis sentinel did not start on port {self.port}")
+    def arguments(self, binary: str) -> list[str]:
+        return [binary, str(self.directory / "sentinel.conf"), "--sentinel"]
