@@ -51,3 +51,34 @@ def test_packaging_basics():
     helped = subprocess.run([sys.executable, "-m", "runguard_autolog", "--help"], capture_output=True, text=True,
                             timeout=60, cwd=ROOT)
     assert helped.returncode == 0 and "demo" in helped.stdout and "report" in helped.stdout
+
+
+def message_templates() -> list[str]:
+    """Every message the package can print or raise: its strings and f-strings that begin with
+    ``runguard:`` (or the shadow-mode prefix), placeholders as ``…``."""
+    import ast
+
+    found = set()
+    for path in sorted((ROOT / "runguard_autolog").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(v.value if isinstance(v, ast.Constant) else "…" for v in node.values)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                text = node.value
+            else:
+                continue
+            if text.startswith(("runguard: ", "runguard (shadow")):
+                found.add(re.sub(r"%[sdr]", "…", text).replace("\n", " ").strip())
+    return sorted(text for text in found if not any(other != text and other.startswith(text) for other in found))
+
+
+def test_troubleshooting_lists_every_message_the_code_can_show():
+    page = (ROOT / "docs" / "troubleshooting.md").read_text().replace("\\|", "|")
+    missing = []
+    for template in message_templates():
+        shown = template.replace("`", "'")
+        head = shown if len(shown) <= 120 else shown[:117].rstrip()
+        if head not in page:
+            missing.append(template)
+    assert len(message_templates()) > 60
+    assert not missing, f"not in docs/troubleshooting.md: {missing}"
