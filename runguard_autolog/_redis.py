@@ -194,8 +194,7 @@ class Transport:
                 from redis.sentinel import Sentinel
 
                 sentinel_timeouts: dict[str, Any] = {
-                    "socket_connect_timeout": connect_timeout,
-                    "socket_timeout": read_timeout,
+                    n: timeouts[n] for n in ("socket_connect_timeout", "socket_timeout")
                 }
                 sentinels = Sentinel(list(address.hosts), sentinel_kwargs=sentinel_timeouts, **sentinel_timeouts)
                 primary = sentinels.master_for(
@@ -260,14 +259,12 @@ class Transport:
         conn = mine.by_node.get(node)
         if conn is None:
             conn = mine.by_node[node] = self.topology.connect(node)
-            connect_timeout, read_timeout = self._timeouts
-            # a client the application built keeps its settings, within ours: a dead store never hangs
-            # a call (a URL's own ?socket_timeout= is the user's choice, and kept)
-            if self._capped and (conn.socket_timeout is None or conn.socket_timeout > read_timeout):
-                conn.socket_timeout = read_timeout
-            if self._capped and (conn.socket_connect_timeout is None or conn.socket_connect_timeout > connect_timeout):
-                conn.socket_connect_timeout = connect_timeout
-            if self._capped:  # nor its retries with backoff: one immediate retry on connect, as ours
+            if self._capped:
+                # a client the application built keeps its settings, within ours: a dead store never
+                # hangs a call, nor do its retries with backoff (a URL's own ?socket_timeout= is kept)
+                connect_timeout, read_timeout = self._timeouts
+                conn.socket_timeout = min(conn.socket_timeout or read_timeout, read_timeout)
+                conn.socket_connect_timeout = min(conn.socket_connect_timeout or connect_timeout, connect_timeout)
                 conn.retry = self._retry
             self._all.add(conn)
         return conn

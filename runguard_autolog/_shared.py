@@ -1164,40 +1164,36 @@ class SharedStore:
 
     remote = True  # reserves wait for the store: async calls await them off the event loop
 
-    def reserve(self, reservation, enforce=True):
+    def _reserve_here(self, reservation, enforce):
+        """The local scopes first: (their refusal, the shared budgets still to ask: none when the
+        local answer decides). runguard's own failure after the local hold releases it: the
+        caller goes unguarded, holding nothing."""
         reservation.lease = None
         refusal = self.local.reserve(reservation, enforce)
         if refusal is not None and enforce:
-            return refusal
-        budgets = self.budgets(reservation.charges)
-        if not budgets:
-            return refusal
-        return self._reserve_shared(reservation, enforce, refusal, budgets)
+            return refusal, None
+        try:
+            return refusal, self.budgets(reservation.charges) or None
+        except Exception:
+            self.local.release(reservation)
+            raise
+
+    def reserve(self, reservation, enforce=True):
+        refusal, budgets = self._reserve_here(reservation, enforce)
+        return refusal if budgets is None else self._reserve_shared(reservation, enforce, refusal, budgets)
 
     async def areserve(self, reservation, enforce=True):
         """:meth:`reserve` for an async call: the store's round trip runs on an I/O thread, so the
         event loop serves other tasks meanwhile. A task cancelled while it waits holds nothing."""
-        reservation.lease = None
-        refusal = self.local.reserve(reservation, enforce)
-        if refusal is not None and enforce:
+        refusal, budgets = self._reserve_here(reservation, enforce)
+        if budgets is None:
             return refusal
         try:
-            budgets = self.budgets(reservation.charges)
-            if not budgets:
-                return refusal
-            try:
-                loop = asyncio.get_running_loop()
-                future = _io_pool().submit(self._reserve_shared, reservation, enforce, refusal, budgets)
-            except RuntimeError:  # not asyncio's loop (trio), or the interpreter exiting: wait here
-                return self._reserve_shared(reservation, enforce, refusal, budgets)
-        except Exception:
-            self.local.release(reservation)  # runguard's own failure: the caller goes unguarded, holding nothing
-            raise
-        try:
-            return await asyncio.wrap_future(future, loop=loop)
-        except asyncio.CancelledError:
-            future.add_done_callback(lambda done: self._reserve_cancelled(reservation, done))
-            raise
+            return await _off_loop(
+                self._reserve_shared,
+                (reservation, enforce, refusal, budgets),
+                lambda done: self._reserve_cancelled(reservation, done),
+            )
         except Exception:
             self.release(reservation)
             raise
@@ -1279,16 +1275,11 @@ class SharedStore:
         refusal, leases = self._retry_here(reservation, seconds, enforce)
         if leases is None:
             return refusal
-        try:
-            loop = asyncio.get_running_loop()
-            future = _io_pool().submit(self._retry_shared, reservation, seconds, enforce, refusal, leases)
-        except RuntimeError:  # not asyncio's loop (trio), or the interpreter exiting: wait here
-            return self._retry_shared(reservation, seconds, enforce, refusal, leases)
-        try:
-            return await asyncio.wrap_future(future, loop=loop)
-        except asyncio.CancelledError:
-            future.add_done_callback(lambda done: self._retry_cancelled(reservation, leases, enforce, done))
-            raise
+        return await _off_loop(
+            self._retry_shared,
+            (reservation, seconds, enforce, refusal, leases),
+            lambda done: self._retry_cancelled(reservation, leases, enforce, done),
+        )
 
     def _retry_cancelled(self, reservation, leases, enforce, done) -> None:
         """A retry whose task was cancelled is not sent: the request it counted is taken back."""
@@ -1349,6 +1340,23 @@ def _io_pool() -> concurrent.futures.ThreadPoolExecutor:
                 pool = concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="runguard-store-io")
                 _IO[:] = [pool, _PID[0]]
     return pool
+
+
+async def _off_loop(work: Any, args: tuple, undo: Any) -> Any:
+    """Await ``work(*args)`` run on the store's I/O threads: the event loop serves other tasks
+    meanwhile. A task cancelled while it waits has ``undo(done)`` called once the work ends (at
+    once if it never started). Not asyncio's loop (trio), or the interpreter exiting (no new
+    threads): ``work`` runs here."""
+    try:
+        loop = asyncio.get_running_loop()
+        future = _io_pool().submit(work, *args)
+    except RuntimeError:
+        return work(*args)
+    try:
+        return await asyncio.wrap_future(future, loop=loop)
+    except asyncio.CancelledError:
+        future.add_done_callback(undo)
+        raise
 
 
 def use_shared(settings: dict | None) -> None:
