@@ -139,7 +139,11 @@ def tripped(trip, scope=None, where=_HERE) -> None:
     """A scope's circuit just opened: one log line and the run's tags/metrics (in the background),
     on this thread's active run (or the run ``where`` names, for trips found off the call's thread)."""
     try:
-        logger.warning("runguard: %s in scope %s; further calls there are refused until reset", trip.reason, trip.scope)
+        logger.warning(
+            "runguard: %s in scope %s; further calls there are refused until reset (in a windowed scope: until its window rolls over)",
+            trip.reason,
+            trip.scope,
+        )
         if where is _HERE:
             where = active_run_info()
         if where is None:

@@ -28,7 +28,11 @@ class Events:
     def tripped(self, trip: Any, scope: Any = None, where: Any = None) -> None:
         """A scope's circuit just opened (``where``: the MLflow run to record it on, when the
         trip was found off the call's thread)."""
-        logger.warning("runguard: %s in scope %s; further calls there are refused until reset", trip.reason, trip.scope)
+        logger.warning(
+            "runguard: %s in scope %s; further calls there are refused until reset (in a windowed scope: until its window rolls over)",
+            trip.reason,
+            trip.scope,
+        )
 
     def refused(self, error: BaseException, trip: Any, newly: bool, target: str, request: Any = None) -> None:
         """A call was refused (or, in shadow mode, would have been); ``request``: the call's, when

@@ -181,10 +181,17 @@ def roll(scope: Scope, window: int, now: float) -> None:
 
 
 def retry_after(scope_name: str, charges: Any) -> float | None:
-    """Seconds until the named scope's window rolls over (``None``: not windowed)."""
+    """Seconds until the named scope's window rolls over (``None``: not windowed). The scope may
+    be a shared budget's (``shared:<name>``): a session's own, or the process-wide one."""
     for scope, _ in charges:
-        if scope.name == scope_name and scope.current_window():
-            return max(0.0, scope.window_end - time.time())
+        if scope.name == scope_name:
+            return max(0.0, scope.window_end - time.time()) if scope.current_window() else None
+        budget = scope.shared_budget
+        if budget is not None and budget.scope.name == scope_name:
+            return budget.retry_after()
+    budget = getattr(RUNTIME.store, "budget", None)
+    if budget is not None and budget.scope.name == scope_name:
+        return budget.retry_after()
     return None
 
 

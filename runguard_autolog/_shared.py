@@ -842,6 +842,13 @@ class SharedBudget:
             current = self._current = (start, f"{self.prefix}:w:{start}")
         return current
 
+    def retry_after(self) -> float | None:
+        """Seconds until the current window rolls over (``None``: not windowed), for a refusal's
+        ``details["retry_after"]`` and a web response's ``Retry-After``."""
+        if not self.window:
+            return None
+        return max(0.0, int(self.current()[0]) + self.window - time.time())
+
     def corrected(self, start: str) -> None:
         """The store's clock is in window ``start`` while this one guessed another."""
         now = int(time.time())

@@ -13,6 +13,7 @@ looked up again once per model, not per call.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from datetime import datetime, timezone
@@ -124,7 +125,7 @@ def _mtok(value: Any, what: str) -> Decimal:
         number = Decimal(str(value))
     except ArithmeticError:
         raise RunGuardConfigError(f"runguard: register_price: {what}={value!r} is not a number") from None
-    if not number.is_finite() or number < 0:
+    if not number.is_finite() or number < 0 or math.isinf(float(number)):  # 1e999: inf once a float
         raise RunGuardConfigError(f"runguard: register_price: {what}={value!r} must be a finite number >= 0")
     return number
 

@@ -17,6 +17,7 @@ import runguard_autolog as runguard
 from runguard_autolog.testing import Reply
 
 from .conftest import MESSAGES, chat
+from .test_shared import name, redis_url  # noqa: F401 (fixtures)
 
 
 def _price(model: str, prompt: int, output: int) -> float:
@@ -64,6 +65,8 @@ def test_registered_prices_win_and_aliases_share_a_models_price(client, server):
     ({}, "pass input_usd_per_mtok= and output_usd_per_mtok="),
     ({"same_as": "no-such-model-anywhere"}, "names a model with no known price"),
     ({"same_as": "gpt-4o", "input_usd_per_mtok": 1.0}, "not both"),
+    ({"input_usd_per_mtok": "1e999", "output_usd_per_mtok": 1.0}, "must be a finite number >= 0"),
+    ({"input_usd_per_mtok": 1.0, "output_usd_per_mtok": 10**400}, "must be a finite number >= 0"),
 ])
 def test_bad_prices_are_clear_errors(kwargs, message):
     with pytest.raises(runguard.RunGuardConfigError, match=message):
@@ -92,6 +95,31 @@ def test_unpriced_from_the_environment_and_a_bad_value(monkeypatch, client, serv
     monkeypatch.setenv("RUNGUARD_UNPRICED", "maybe")
     with pytest.raises(runguard.RunGuardConfigError, match="RUNGUARD_UNPRICED='maybe'"):
         runguard.autolog()
+    monkeypatch.delenv("RUNGUARD_UNPRICED")
+    with pytest.raises(runguard.RunGuardConfigError, match="unpriced='maybe'"):
+        runguard.autolog(unpriced="maybe")
+
+
+def test_unpriced_refuse_under_a_shared_cost_limit_only(client, server, redis_url, name):
+    runguard.autolog(store=redis_url, shared_budget=name, shared_max_cost_usd=1.0, unpriced="refuse",
+                     max_calls="none")
+    with pytest.raises(runguard.RunGuardTripped) as refused:
+        chat(client, model="mystery-model-7")
+    assert refused.value.limit == "unpriced"
+    chat(client)  # priced: sent
+    assert server.count() == 1
+    runguard.reset_shared(name)
+
+
+def test_a_registered_cached_input_price_is_charged_for_cache_reads(client, server):
+    runguard.register_price("acme-cache", input_usd_per_mtok=2.0, output_usd_per_mtok=8.0,
+                            cached_input_usd_per_mtok=0.5)
+    server.default = Reply(prompt_tokens=1000, cache_read_input_tokens=400, content="x")
+    runguard.autolog(max_calls=5)
+    chat(client, model="acme-cache")
+    spent = runguard.current()
+    assert spent.input_tokens == 1000
+    assert spent.cost_usd == pytest.approx(600 * 2e-6 + 400 * 0.5e-6 + spent.output_tokens * 8e-6)
 
 
 def test_a_prices_file(tmp_path, monkeypatch, client, server):
@@ -123,7 +151,7 @@ def test_a_bad_prices_file_is_an_error_naming_the_variable(tmp_path, monkeypatch
     assert message in str(error.value)
 
 
-def test_a_new_genai_prices_snapshot_is_picked_up(client, server):
+def test_a_new_genai_prices_snapshot_is_picked_up(client, server, monkeypatch):
     server.default = Reply(prompt_tokens=1_000_000, content="x")
     runguard.autolog(max_calls=5, max_input_tokens="none")
     chat(client)
@@ -137,11 +165,15 @@ def test_a_new_genai_prices_snapshot_is_picked_up(client, server):
             provider = dataclasses.replace(provider, models=models)
         providers.append(provider)
     data_snapshot.set_custom_snapshot(data_snapshot.DataSnapshot(providers=providers, from_auto_update=True))
+    looked_up = []
+    monkeypatch.setattr(data_snapshot, "get_snapshot", lambda real=data_snapshot.get_snapshot: looked_up.append(1) or real())
     try:
-        chat(client)
+        for _ in range(3):
+            chat(client)
     finally:
         data_snapshot.set_custom_snapshot(None)
-    assert runguard.current().cost_usd - before == pytest.approx(10.0, rel=1e-3)
+    assert runguard.current().cost_usd - before == pytest.approx(30.0, rel=1e-3)
+    assert len(looked_up) == 1  # looked up again once after the change, not on every call
 
 
 def test_an_alias_cycle_is_refused():

@@ -189,6 +189,43 @@ def test_a_windowed_tenant_budget(client, server, redis_url, name):
     assert tenant_call(client, tenant, shared_max_calls=1, shared_window="day") == "ok"
 
 
+def _next_window(seconds: int) -> None:
+    """Sleep into the next window of ``seconds`` (just past its start)."""
+    time.sleep(seconds - time.time() % seconds + 0.05)
+
+
+def test_a_windowed_tenant_budget_starts_afresh_and_says_when(client, server, redis_url, name):
+    """A windowed tenant budget opens again at the boundary; its refusal says when (retry_after)."""
+    runguard.autolog(store=redis_url, max_calls="none")
+    tenant = f"tenant:{name}"
+    _next_window(2)
+    assert tenant_call(client, tenant, shared_max_calls=1, shared_window=2) == "ok"
+    with pytest.raises(runguard.RunGuardTripped) as refused:
+        with runguard.session(shared_budget=tenant, shared_max_calls=1, shared_window=2):
+            chat(client)
+    assert refused.value.limit == "shared_max_calls" and refused.value.scope == f"shared:{tenant}"
+    assert 0 < refused.value.details["retry_after"] <= 2
+    _next_window(2)
+    assert tenant_call(client, tenant, shared_max_calls=1, shared_window=2) == "ok"
+    assert server.count() == 2
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_a_windowed_tenant_budget_sends_retry_after(server, redis_url, name, kind):
+    runguard.autolog(store=redis_url, max_calls="none")
+    if 3600 - time.time() % 3600 < 5:  # not across an hour's boundary
+        _next_window(3600)
+    with serve_tenants(kind, server.base_url, shared_max_calls=1, shared_window="hour") as base:
+        headers = {"x-tenant": name}
+        assert httpx.get(f"{base}/llm?n=1", headers=headers).status_code == 200
+        refused = httpx.get(f"{base}/llm?n=1", headers=headers)
+    assert refused.status_code == 429 and refused.json()["error"]["scope"] == f"shared:tenant:{name}"
+    now = time.time()
+    assert int(refused.headers["Retry-After"]) == pytest.approx(3600 - now % 3600, abs=3)
+    assert server.count() == 1
+    runguard.reset_shared(f"tenant:{name}")
+
+
 def test_many_tenants_keep_client_state_bounded(client, server, redis_url, name):
     """1,000 tenants: one writer thread, one connection per calling thread, and no budget kept
     once its calls have settled (the benchmark runs 10,000 tenants over 100,000 requests)."""

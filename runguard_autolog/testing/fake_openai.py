@@ -124,8 +124,19 @@ def _chat_json(reply: Reply, body: dict) -> dict:
         "created": int(time.time()),
         "model": reply.model or body.get("model", "gpt-4o-mini"),
         "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+        "usage": _chat_usage(reply, prompt, completion),
     }
+
+
+def _chat_usage(reply: Reply, prompt: int, completion: int) -> dict:
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if reply.cache_read_input_tokens:  # prompt tokens read from OpenAI's prompt cache
+        usage["prompt_tokens_details"] = {"cached_tokens": reply.cache_read_input_tokens}
+    return usage
 
 
 def _chat_chunks(reply: Reply, body: dict):
@@ -167,7 +178,7 @@ def _chat_chunks(reply: Reply, body: dict):
     if include:
         yield chunk(
             {},
-            usage={"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+            usage=_chat_usage(reply, prompt, completion),
             choices=False,
         )
 

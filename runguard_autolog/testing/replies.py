@@ -31,7 +31,7 @@ class Reply:
     model: str | None = None
     content_parts: bool = False  # stream each delta's content as a list of text parts (Databricks-style)
     cache_creation_input_tokens: int = 0  # Anthropic prompt caching (FakeAnthropicServer)
-    cache_read_input_tokens: int = 0
+    cache_read_input_tokens: int = 0  # prompt-cache reads (OpenAI chat: prompt_tokens_details.cached_tokens)
 
 
 def completion_tokens(reply: Reply, body: dict) -> tuple[list[str], int, int]:
