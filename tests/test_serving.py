@@ -34,13 +34,34 @@ class Agent(mlflow.pyfunc.PythonModel):
         return [reply.choices[0].message.content or "tool"]
 
 
-@pytest.fixture
-def scoring_server(tmp_path, server, monkeypatch):
+class ResponsesAgentStep(mlflow.pyfunc.ResponsesAgent):
+    """The same step as an MLflow ``ResponsesAgent`` (the Responses API shape MLflow serves)."""
+
+    def predict(self, request):
+        import os
+
+        import openai
+        from mlflow.types.responses import ResponsesAgentResponse
+
+        client = openai.OpenAI(base_url=os.environ["RG_TEST_FAKE_OPENAI"], api_key="t", max_retries=0)
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "weather?"}])
+        text = reply.choices[0].message.content or "tool"
+        return ResponsesAgentResponse(output=[self.create_text_output_item(text=text, id="msg-1")])
+
+
+PAYLOADS = {
+    "pyfunc": {"inputs": ["what is the weather?"]},
+    "responses_agent": {"input": [{"role": "user", "content": "what is the weather?"}]},
+}
+
+
+@pytest.fixture(params=sorted(PAYLOADS))
+def scoring_server(request, tmp_path, server, monkeypatch):
     from mlflow.pyfunc import scoring_server
 
     monkeypatch.setenv("RG_TEST_FAKE_OPENAI", server.base_url)
     path = str(tmp_path / "agent")
-    mlflow.pyfunc.save_model(path, python_model=Agent())
+    mlflow.pyfunc.save_model(path, python_model=Agent() if request.param == "pyfunc" else ResponsesAgentStep())
     app = scoring_server.init(mlflow.pyfunc.load_model(path))
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -49,13 +70,16 @@ def scoring_server(tmp_path, server, monkeypatch):
     deadline = time.time() + 20
     while not uv.started and time.time() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    server.reset()  # saving a ResponsesAgent runs it once on an example input
+    yield f"http://127.0.0.1:{port}", PAYLOADS[request.param]
     uv.should_exit = True
     thread.join(10)
+    assert not thread.is_alive(), "uvicorn did not stop"
 
 
-def _score(url: str) -> requests.Response:
-    return requests.post(f"{url}/invocations", json={"inputs": ["what is the weather?"]}, timeout=30)
+def _score(served: tuple[str, dict]) -> requests.Response:
+    url, payload = served
+    return requests.post(f"{url}/invocations", json=payload, timeout=30)
 
 
 def test_identical_scoring_requests_are_not_a_loop(scoring_server, server):

@@ -48,7 +48,6 @@ def test_a_service_of_independent_requests_is_not_stopped_for_good(client, serve
         time.sleep(0.02)
     # each window admits at most 5; later windows admit again after refusals
     assert "refused" in outcomes
-    assert outcomes[-1] == "ok" or outcomes.index("refused") < len(outcomes) - 1
     first_refusal = outcomes.index("refused")
     assert "ok" in outcomes[first_refusal:]
     assert server.count() <= 5 * 4  # at most 5 per window, over at most 4 windows (alignment)

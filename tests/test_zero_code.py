@@ -177,3 +177,35 @@ def test_in_process_config_shows_keywords_too():
     runguard.autolog(max_calls=9)
     table = runguard.config()
     assert any(line.split()[:3] == ["max_calls", "9", "keyword"] for line in table.splitlines())
+
+
+SERVICE = textwrap.dedent("""
+    import sys
+    import time
+
+    import openai
+    import runguard_autolog as runguard
+
+    client = openai.OpenAI(base_url=sys.argv[1], api_key="test", max_retries=0)
+    for _ in range(2):  # two windows of a long-running service
+        time.sleep(3 - time.time() % 3 + 0.05)
+        outcomes = []
+        for step in range(5):
+            try:
+                client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+                outcomes.append("ok")
+            except runguard.RunGuardTripped as trip:
+                outcomes.append(f"refused {0 < trip.details['retry_after'] <= 3}")
+        print(" ".join(outcomes))
+""")
+
+
+def test_a_service_under_runguard_run_with_a_window_is_not_stopped_for_good(tmp_path, server):
+    """The zero-code default for a service: RUNGUARD_WINDOW gives the process scope fresh windows."""
+    path = tmp_path / "service.py"
+    path.write_text(SERVICE)
+    done = _run([*_runguard_run(), sys.executable, str(path), server.base_url],
+                _env(RUNGUARD_MAX_CALLS="3", RUNGUARD_WINDOW="3"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["ok ok ok refused True refused True"] * 2
+    assert server.count("/chat/completions") == 6
