@@ -49,8 +49,25 @@ class ResponsesAgentStep(mlflow.pyfunc.ResponsesAgent):
         return ResponsesAgentResponse(output=[self.create_text_output_item(text=text, id="msg-1")])
 
 
+class ChatModelStep(mlflow.pyfunc.ChatModel):
+    """The same step as an MLflow ``ChatModel``."""
+
+    def predict(self, context, messages, params=None):
+        import os
+
+        import openai
+        from mlflow.types.llm import ChatChoice, ChatCompletionResponse, ChatMessage
+
+        client = openai.OpenAI(base_url=os.environ["RG_TEST_FAKE_OPENAI"], api_key="t", max_retries=0)
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "weather?"}])
+        text = reply.choices[0].message.content or "tool"
+        return ChatCompletionResponse(choices=[ChatChoice(index=0, message=ChatMessage(role="assistant", content=text))])
+
+
+MODELS = {"pyfunc": Agent, "chat_model": ChatModelStep, "responses_agent": ResponsesAgentStep}
 PAYLOADS = {
     "pyfunc": {"inputs": ["what is the weather?"]},
+    "chat_model": {"messages": [{"role": "user", "content": "what is the weather?"}]},
     "responses_agent": {"input": [{"role": "user", "content": "what is the weather?"}]},
 }
 
@@ -61,7 +78,7 @@ def scoring_server(request, tmp_path, server, monkeypatch):
 
     monkeypatch.setenv("RG_TEST_FAKE_OPENAI", server.base_url)
     path = str(tmp_path / "agent")
-    mlflow.pyfunc.save_model(path, python_model=Agent() if request.param == "pyfunc" else ResponsesAgentStep())
+    mlflow.pyfunc.save_model(path, python_model=MODELS[request.param]())
     app = scoring_server.init(mlflow.pyfunc.load_model(path))
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -70,7 +87,7 @@ def scoring_server(request, tmp_path, server, monkeypatch):
     deadline = time.time() + 20
     while not uv.started and time.time() < deadline:
         time.sleep(0.05)
-    server.reset()  # saving a ResponsesAgent runs it once on an example input
+    server.reset()  # saving a ChatModel or ResponsesAgent runs it on an example input
     yield f"http://127.0.0.1:{port}", PAYLOADS[request.param]
     uv.should_exit = True
     thread.join(10)
