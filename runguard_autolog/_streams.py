@@ -161,8 +161,10 @@ class StreamMeter:
                 return None
         return None
 
-    def finish(self) -> None:
-        """Settle what arrived (the reply's own usage when it gave one), exactly once."""
+    def finish(self, complete: bool = False) -> None:
+        """Settle what arrived, exactly once: the reply's own usage when it gave one. A stream
+        that ended early (cut, closed, failed) may have given only a provisional usage (Anthropic's
+        ``message_start`` says 1 output token): what arrived counts then, if it is more."""
         if self.done:
             return
         self.done = True
@@ -172,6 +174,8 @@ class StreamMeter:
         usage = self.usage
         if usage is None:
             usage = (call.prompt, self.output, 0)
+        elif not complete and self.output > usage[1]:
+            usage = (usage[0], self.output, *usage[2:])
         settle_quietly(call, usage)
         if self.tool_calls:
             try:
@@ -228,7 +232,7 @@ class SyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         try:
             chunk = self.__wrapped__.__next__()
         except StopIteration:
-            meter.finish()
+            meter.finish(True)
             raise
         except BaseException:
             stopped = meter.fail()
@@ -284,7 +288,7 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         try:
             chunk = await self.__wrapped__.__anext__()
         except StopAsyncIteration:
-            meter.finish()
+            meter.finish(True)
             raise
         except BaseException:
             stopped = meter.fail()

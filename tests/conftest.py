@@ -119,6 +119,19 @@ def private_redis(tmp_path):
     redis_server.stop()
 
 
+def wait_for(predicate, timeout: float = 3.0) -> bool:
+    """Whether ``predicate()`` comes true within ``timeout`` s (the fake server counts a stream
+    cut or finished once its write fails or ends, which a client can see first)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
 def chat(client, **kwargs):
     return client.chat.completions.create(model=kwargs.pop("model", MODEL), messages=kwargs.pop("messages", MESSAGES), **kwargs)
 

@@ -14,6 +14,8 @@ from genai_prices import Usage, calc_price
 import runguard_autolog as runguard
 from runguard_autolog.testing import Reply, ToolCall
 
+from .conftest import wait_for
+
 anthropic = pytest.importorskip("anthropic")
 
 MODEL = "claude-3-5-haiku-latest"
@@ -129,16 +131,74 @@ def test_streams_settle_their_usage_in_both_forms(claude, server):
     assert (snap.calls, snap.input_tokens, snap.output_tokens) == (2, 100, 8)
 
 
-def test_a_stream_is_cut_mid_flight_when_its_output_crosses_the_ceiling(claude, server):
-    """Output beyond the request's own cap (a proxy that ignores it) is cut as it streams."""
+def _read_stream(client, form: str, received: list[str]) -> None:
+    """Read a stream of text deltas in one of the two forms (``create(stream=True)`` events or the
+    ``messages.stream`` helper) into ``received`` as they arrive (what arrived before a cut stays)."""
+    # the request caps output at 50 tokens, which a proxy ignoring it (the body's 1000) overruns
+    request = {"model": MODEL, "max_tokens": 50, "messages": MESSAGES, "extra_body": {"max_tokens": 1000}}
+    if form == "create":
+        for event in client.messages.create(stream=True, **request):
+            if event.type == "content_block_delta":
+                received.append(event.delta.text)
+    else:
+        with client.messages.stream(**request) as stream:
+            for text in stream.text_stream:
+                received.append(text)
+
+
+async def _aread_stream(client, form: str, received: list[str]) -> None:
+    request = {"model": MODEL, "max_tokens": 50, "messages": MESSAGES, "extra_body": {"max_tokens": 1000}}
+    if form == "create":
+        async for event in await client.messages.create(stream=True, **request):
+            if event.type == "content_block_delta":
+                received.append(event.delta.text)
+    else:
+        async with client.messages.stream(**request) as stream:
+            async for text in stream.text_stream:
+                received.append(text)
+
+
+# haiku: 10 input tokens at $0.8/Mtok + 50 forecast output at $4/Mtok = $0.000208, admitted
+CUTS = {"max_output_tokens": 60, "max_cost_usd": 0.00025}
+
+
+@pytest.mark.parametrize("limit", sorted(CUTS))
+@pytest.mark.parametrize("form", ["create", "stream"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stream_is_cut_mid_flight_when_it_crosses_a_ceiling(server, form, mode, limit):
+    """Output beyond the request's own cap (a proxy that ignores it) is cut as it streams, in both
+    forms, sync and async, on output and on cost; what arrived is what is counted."""
     server.default = Reply(content=" ".join(["w"] * 300), chunk_delay=0.001, usage=(10, 300))
-    runguard.autolog(max_output_tokens=60)
-    received = 0
+    runguard.autolog(**{limit: CUTS[limit]})
+    base = server.base_url.removesuffix("/v1")
+    received: list[str] = []
     with pytest.raises(runguard.RunGuardTripped) as cut:
-        for event in ask(claude, stream=True, max_tokens=50, extra_body={"max_tokens": 1000}):
-            received += event.type == "content_block_delta"
-    assert cut.value.limit == "max_output_tokens"
-    assert received < 100
+        if mode == "sync":
+            _read_stream(anthropic.Anthropic(base_url=base, api_key="t", max_retries=0), form, received)
+        else:
+            client = anthropic.AsyncAnthropic(base_url=base, api_key="t", max_retries=0)
+            asyncio.run(_aread_stream(client, form, received))
+    assert cut.value.limit == limit
+    assert server.count("/v1/messages") == 1
+    assert wait_for(lambda: server.streams_cut == 1), "the HTTP response was not released"
+    snap = runguard.current()
+    assert 50 < snap.output_tokens < 100  # the deltas that arrived, not the 1 token message_start says
+    # every delta that arrived is counted (the one that crossed the ceiling too, not handed over)
+    assert snap.output_tokens == len(received) + 1
+
+
+def test_a_stream_closed_early_counts_what_arrived(claude, server):
+    server.default = Reply(content=" ".join(["w"] * 300), usage=(10, 300))
+    runguard.autolog()
+    events = ask(claude, stream=True, max_tokens=1000)
+    deltas = 0
+    for event in events:
+        deltas += event.type == "content_block_delta"
+        if deltas == 30:
+            break
+    events.close()
+    snap = runguard.current()
+    assert snap.calls == 1 and snap.output_tokens == 30
 
 
 def test_sdk_retries_are_requests_and_429s_trip_with_retry_after(server):
@@ -151,6 +211,18 @@ def test_sdk_retries_are_requests_and_429s_trip_with_retry_after(server):
     assert server.count("/v1/messages") == 3  # the SDK would have retried 5 times
     server.reset()
     runguard.reset()
+    server.default = Reply(status=529, headers={"retry-after": "2"})  # overloaded: throttled like a 429
+    client = anthropic.Anthropic(base_url=server.base_url.removesuffix("/v1"), api_key="t", max_retries=0)
+    runguard.autolog(max_consecutive_429s=2)
+    with pytest.raises(anthropic.APIStatusError):
+        ask(client)
+    with pytest.raises(runguard.RunGuardTripped) as tripped:
+        ask(client)
+    assert tripped.value.limit == "max_consecutive_429s" and "Retry-After: 2 s" in tripped.value.reason
+    assert server.count("/v1/messages") == 2
+    server.reset()
+    runguard.reset()
+    client = anthropic.Anthropic(base_url=server.base_url.removesuffix("/v1"), api_key="t", max_retries=5)
     server.script(Reply(status=529), Reply(status=500), Reply(content="fine"))
     runguard.autolog(max_consecutive_429s=5)
     assert ask(client).content[0].text == "fine"

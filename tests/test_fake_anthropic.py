@@ -108,3 +108,8 @@ def test_a_429_with_retry_after_is_retried_by_the_sdk(server):
     message = client_for(server, retries=3).messages.create(model=MODEL, max_tokens=5, messages=MESSAGES)
     assert message.content[0].text == "done"
     assert server.count("/v1/messages") == 3  # every attempt left the process
+    server.script(Reply(status=429, headers={"retry-after": "7"}))
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        client_for(server, retries=0).messages.create(model=MODEL, max_tokens=5, messages=MESSAGES)
+    assert limited.value.response.headers["retry-after"] == "7"
+    assert limited.value.body["error"]["type"] == "rate_limit_error"

@@ -14,6 +14,8 @@ import pytest
 import runguard_autolog as runguard
 from runguard_autolog.testing import Reply
 
+from .conftest import wait_for
+
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 litellm = pytest.importorskip("litellm")
 
@@ -23,7 +25,8 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 
 def complete(server, model: str = GPT, **extra):
     base = server.base_url.removesuffix("/v1") if model.startswith("anthropic/") else server.base_url
-    return litellm.completion(model=model, api_base=base, api_key="t", messages=MESSAGES, max_retries=0, **extra)
+    messages = extra.pop("messages", MESSAGES)
+    return litellm.completion(model=model, api_base=base, api_key="t", messages=messages, max_retries=0, **extra)
 
 
 @pytest.mark.parametrize("model, path", [(GPT, "/chat/completions"), (HAIKU, "/v1/messages")])
@@ -54,16 +57,31 @@ def test_prices_follow_litellms_provider_parsing(server):
     assert claude_cost == pytest.approx((1000 * 0.8 + 100 * 4.0) / 1e6)
 
 
-def test_streams_are_metered_and_cut(server):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("model", [GPT, HAIKU])
+def test_streams_are_metered_and_cut(server, model, mode):
     server.default = Reply(content=" ".join(["w"] * 300), chunk_delay=0.001)
     runguard.autolog(max_output_tokens=40)
-    received = 0
+    base = server.base_url.removesuffix("/v1") if model.startswith("anthropic/") else server.base_url
+    request = {"model": model, "api_base": base, "api_key": "t", "messages": MESSAGES, "max_retries": 0,
+               "stream": True}
+    received: list[str] = []
+
+    async def read_async():
+        async for chunk in await litellm.acompletion(**request):
+            received.append(chunk.choices[0].delta.content or "")
+
     with pytest.raises(runguard.RunGuardTripped) as cut:
-        for _chunk in complete(server, stream=True):
-            received += 1
+        if mode == "sync":
+            for chunk in litellm.completion(**request):
+                received.append(chunk.choices[0].delta.content or "")
+        else:
+            asyncio.run(read_async())
     assert cut.value.limit == "max_output_tokens"
-    assert received < 100
+    assert len(received) < 100
     assert server.count() == 1
+    assert wait_for(lambda: server.streams_cut == 1), "the HTTP response was not released"
+    assert 40 < runguard.current().output_tokens < 100  # what arrived, not a provisional usage
 
 
 def test_embeddings_count(server):
@@ -75,13 +93,15 @@ def test_embeddings_count(server):
     assert server.count("/embeddings") == 2
 
 
-def test_exact_under_threads_and_asyncio(server):
+@pytest.mark.parametrize("model", [GPT, HAIKU])
+def test_exact_under_threads_and_asyncio(server, model):
     server.default = Reply(delay=0.005)
     runguard.autolog(max_calls=13)
+    base = server.base_url.removesuffix("/v1") if model.startswith("anthropic/") else server.base_url
 
     def work(_):
         try:
-            complete(server)
+            complete(server, model, max_tokens=20)
             return 1
         except runguard.RunGuardTripped:
             return 0
@@ -94,7 +114,7 @@ def test_exact_under_threads_and_asyncio(server):
 
     async def one():
         try:
-            await litellm.acompletion(model=GPT, api_base=server.base_url, api_key="t", messages=MESSAGES,
+            await litellm.acompletion(model=model, api_base=base, api_key="t", messages=MESSAGES, max_tokens=20,
                                       max_retries=0)
             return 1
         except runguard.RunGuardTripped:
@@ -145,7 +165,8 @@ def test_429s_trip_through_the_openai_sdk_and_through_litellms_own_client(server
     assert runguard.current().requests == 2
 
 
-def test_tool_call_loops_trip(server):
+@pytest.mark.parametrize("model", [GPT, HAIKU])
+def test_tool_call_loops_trip(server, model):
     from runguard_autolog.testing import ToolCall
 
     server.default = Reply(tool_calls=[ToolCall("search", '{"q": "weather"}')])
@@ -154,8 +175,7 @@ def test_tool_call_loops_trip(server):
     tools = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
     with pytest.raises(runguard.RunGuardTripped) as tripped:
         for _ in range(10):
-            reply = litellm.completion(model=GPT, api_base=server.base_url, api_key="t", messages=messages,
-                                       tools=tools, max_retries=0)
+            reply = complete(server, model, messages=messages, tools=tools, max_tokens=50)
             call = reply.choices[0].message.tool_calls[0]
             messages += [reply.choices[0].message.model_dump(exclude_none=True),
                          {"role": "tool", "tool_call_id": call.id, "content": "nothing"}]
@@ -188,3 +208,18 @@ def test_prompt_cache_reads_and_writes_through_litellm_are_priced_apart(server):
     snap = runguard.current()
     assert (snap.input_tokens, snap.output_tokens) == (8000, 200)
     assert snap.cost_usd == pytest.approx(float(expected), rel=1e-9)
+
+
+@pytest.mark.parametrize("model", [GPT, HAIKU])
+def test_sessions_are_scopes_of_their_own(server, model):
+    runguard.autolog(max_calls=100)
+    with runguard.session("agent-a", max_calls=2):
+        complete(server, model, max_tokens=20)
+        complete(server, model, max_tokens=20)
+        with pytest.raises(runguard.RunGuardTripped) as tripped:
+            complete(server, model, max_tokens=20)
+        assert tripped.value.scope == "session:agent-a"
+    with runguard.session("agent-b", max_calls=2):
+        complete(server, model, max_tokens=20)  # another session's trip does not stop this one
+    assert server.count() == 3
+    assert runguard.current().calls == 3  # the process scope saw every call sent

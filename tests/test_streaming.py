@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
 import runguard_autolog as runguard
 from runguard_autolog.testing import Reply
 
-from .conftest import MESSAGES, MODEL
+from .conftest import MESSAGES, MODEL, wait_for
 
 LONG = " ".join(f"w{i}" for i in range(300))
-
-
-def _wait_for(predicate, timeout=3.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def test_stream_is_cut_mid_flight_when_output_ceiling_is_crossed(client, server):
@@ -36,7 +26,7 @@ def test_stream_is_cut_mid_flight_when_output_ceiling_is_crossed(client, server)
     assert "mid-stream" in info.value.reason
     assert 15 <= len(received) <= 21  # stopped near the ceiling, far before 300
     assert server.count() == 1
-    assert _wait_for(lambda: server.streams_cut == 1), "the HTTP response was not released"
+    assert wait_for(lambda: server.streams_cut == 1), "the HTTP response was not released"
     assert server.streams_completed == 0
     with pytest.raises(runguard.RunGuardTripped):  # and the circuit is open
         client.chat.completions.create(model=MODEL, messages=MESSAGES)
@@ -53,7 +43,7 @@ async def test_async_stream_is_cut_mid_flight(async_client, server):
             received += 1
     assert received < 30
     assert server.count() == 1
-    assert _wait_for(lambda: server.streams_cut == 1)
+    assert wait_for(lambda: server.streams_cut == 1)
 
 
 def test_stream_settles_with_the_usage_chunk_and_keeps_context_manager_use(client, server):
@@ -116,7 +106,7 @@ def test_responses_stream_is_cut_on_breach(client, server):
     with pytest.raises(runguard.RunGuardTripped):
         for _ in client.responses.create(model=MODEL, input="hi", stream=True):
             pass
-    assert _wait_for(lambda: server.streams_cut == 1)
+    assert wait_for(lambda: server.streams_cut == 1)
 
 
 def test_stream_with_cap_is_refused_up_front_when_the_cap_does_not_fit(client, server):
@@ -131,7 +121,7 @@ def test_shadow_mode_records_a_mid_stream_breach_but_lets_the_stream_finish(clie
     runguard.autolog(max_output_tokens=20, on_trip="warn")
     chunks = [c for c in client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)]
     assert len(chunks) >= 60
-    assert _wait_for(lambda: server.streams_completed == 1)
+    assert wait_for(lambda: server.streams_completed == 1)
     assert any("would cut a stream" in r.message for r in caplog.records)
 
 
