@@ -162,6 +162,7 @@ def tripped(trip, scope=None, where=_HERE) -> None:
         if trip.scope.startswith("shared:"):
             tags[TAG_SHARED_BUDGET] = trip.scope[len("shared:") :]
         tags.update(_agent_tag())
+        _note_tripped_run(run_id)
         _WORKER.submit(lambda: write_run(run_id, uri, metrics, tags))
     except Exception as error:
         log_once(("record-trip", type(error).__name__), "runguard: could not record a trip (%s)", error)
@@ -294,16 +295,32 @@ def apply_span_processors(wrapped, instance, args, kwargs):
 
 
 # -- run end -----------------------------------------------------------------------------
+# runs that carry a trip's tags, whichever scope tripped (a session or a shared budget inside
+# the run, not only the run's own): their runguard.tripped metric is 1, as their tags say
+_tripped_runs: dict[str, None] = {}
+_MAX_TRIPPED_RUNS = 4096  # runs that never end (the process exits first) are forgotten past this
+RUNTIME.on_reset(_tripped_runs.clear)
+
+
+def _note_tripped_run(run_id: str) -> None:
+    if len(_tripped_runs) >= _MAX_TRIPPED_RUNS:
+        _tripped_runs.pop(next(iter(_tripped_runs)), None)
+    _tripped_runs[run_id] = None
+
+
 def write_run_summary(run_id: str, scope) -> None:
     """Spend per run and whether it tripped (0 or 1), so spend and trip rate can be charted
     across experiments; only for a run that made a guarded call (others get no metric)."""
     import mlflow
 
-    if scope is None or not (scope.used[CALLS] or scope.used[REQUESTS] or scope.tripped is not None):
+    noted = run_id in _tripped_runs
+    _tripped_runs.pop(run_id, None)
+    tripped_here = noted or (scope is not None and scope.tripped is not None)
+    if not tripped_here and (scope is None or not (scope.used[CALLS] or scope.used[REQUESTS])):
         return
-    used = scope.used
+    used = scope.used if scope is not None else ZERO
     metrics = {name: used[index] for name, index in SUMMARY_METRICS}
-    metrics[METRIC_TRIPPED] = 0 if scope.tripped is None else 1
+    metrics[METRIC_TRIPPED] = 1 if tripped_here else 0
     write_run(run_id, mlflow.get_tracking_uri(), metrics, _agent_tag())
 
 

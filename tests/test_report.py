@@ -106,8 +106,9 @@ def test_report_json_numbers_are_exact(fleet, server):
     assert (calls["min"], calls["p50"], calls["p90"], calls["max"], calls["runs"]) == (2, 3, 3, 3, 5)
     assert calls["histogram"] == [{"calls": 2, "runs": 2}, {"calls": 3, "runs": 3}]
     plain, wordy = PLAIN_CALL_USD, WORDY_CALL_USD
-    assert report["cost_usd"]["total"] == pytest.approx((3 + 2 + 3 + 2 + 1 + 2) * plain + (3 + 1) * wordy)
-    assert report["cost_usd"]["tripped_runs"] == pytest.approx((3 + 3 + 2 + 2) * plain + 3 * wordy)
+    # exact up to float summation order
+    assert report["cost_usd"]["total"] == pytest.approx((3 + 2 + 3 + 2 + 1 + 2) * plain + (3 + 1) * wordy, rel=1e-12)
+    assert report["cost_usd"]["tripped_runs"] == pytest.approx((3 + 3 + 2 + 2) * plain + 3 * wordy, rel=1e-12)
     assert report["by_day"] == [
         {"date": today(3), "runs": 1, "tripped_runs": 1, "trip_rate": 1.0},
         {"date": today(), "runs": 7, "tripped_runs": 4, "trip_rate": 4 / 7},
@@ -139,12 +140,34 @@ def test_report_filters_by_experiment_and_since(fleet):
     assert dated["runs"] == 8
 
 
-def test_paging_reads_every_run_once(fleet, monkeypatch):
+def test_paging_reads_every_run_once_and_no_artifact(fleet, monkeypatch):
     whole = _report.build(tracking_uri=fleet)
-    monkeypatch.setattr(_report, "PAGE_SIZE", 2)  # 8 runs, 3 experiments: several pages each
+    pages: list[tuple[int, bool]] = []
+    search_runs = MlflowClient.search_runs
+
+    def counted(self, *args, **kwargs):
+        page = search_runs(self, *args, **kwargs)
+        pages.append((len(page), kwargs.get("page_token") is not None))
+        return page
+
+    def no_artifacts(*args, **kwargs):
+        raise AssertionError("the report read a run's artifacts")
+
+    monkeypatch.setattr(MlflowClient, "search_runs", counted)
+    for reader in ("list_artifacts", "download_artifacts"):
+        monkeypatch.setattr(MlflowClient, reader, no_artifacts)
+    monkeypatch.setattr(_report, "PAGE_SIZE", 2)  # 8 runs, 3 experiments: several pages
     paged = _report.build(tracking_uri=fleet)
     assert {k: v for k, v in paged.items() if k != "since"} == {k: v for k, v in whole.items() if k != "since"}
     assert paged["runs"] == 8
+    assert len(pages) >= 5 and all(size <= 2 for size, _ in pages)  # 10 runs in range (2 without a call)
+    assert [followed for _, followed in pages].count(True) == len(pages) - 1  # each later page by its token
+
+
+def test_calls_at_trip_percentiles_are_nearest_rank():
+    assert _report._percentile([1, 2, 3, 10], 0.5) == 2
+    assert _report._percentile(list(range(1, 11)), 0.9) == 9
+    assert _report._percentile([4], 0.9) == 4
 
 
 def test_report_table_for_people(fleet):
@@ -269,13 +292,42 @@ def test_every_guarded_run_carries_the_tripped_metric_and_the_agent_tag(fleet):
     assert not [run for run in runs if run.info.run_name == "no-llm" and "runguard.calls" in run.data.metrics]
 
 
+def test_a_trip_inside_a_run_makes_its_metric_1_whichever_scope_tripped(tracking, client, monkeypatch):
+    """A session's trip inside a run tags the run: its runguard.tripped metric says 1 too, so a
+    chart of the metric and the report agree. RUNGUARD_AGENT names the agent like agent=."""
+    monkeypatch.setenv("RUNGUARD_AGENT", "envbot")
+    runguard.autolog(max_calls="none")
+    with mlflow.start_run(run_name="session-trip") as run:
+        with pytest.raises(runguard.RunGuardTripped), runguard.session("step", max_calls=2):
+            for _ in range(3):
+                client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    with mlflow.start_run(run_name="fine") as fine:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    runguard.flush()
+    data = mlflow.get_run(run.info.run_id).data
+    assert data.tags["runguard.trip_scope"] == "session:step" and data.metrics["runguard.tripped"] == 1
+    assert data.metrics["runguard.calls"] == 2 and data.tags["runguard.agent"] == "envbot"
+    assert mlflow.get_run(fine.info.run_id).data.metrics["runguard.tripped"] == 0
+    report = json.loads(cli("report", "--json", "--tracking-uri", mlflow.get_tracking_uri()).stdout)
+    assert (report["runs"], report["tripped_runs"]) == (2, 1)
+    assert [(a["agent"], a["runs"], a["tripped_runs"]) for a in report["by_agent"]] == [("envbot", 2, 1)]
+
+
+def test_several_experiments_and_the_tracking_uri_from_the_environment(fleet):
+    result = cli("report", "--json", "--experiment", "agents", "--experiment", "nightly", MLFLOW_TRACKING_URI=fleet)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["experiments"] == ["agents", "nightly"]
+    assert (report["runs"], report["tripped_runs"]) == (8, 5)
+
+
 def test_bad_agent_names_are_refused(monkeypatch):
     with pytest.raises(runguard.RunGuardConfigError, match="agent='' is not valid"):
         runguard.autolog(agent="")
     monkeypatch.setenv("RUNGUARD_AGENT", "bad\nname")
     with pytest.raises(runguard.RunGuardConfigError, match="RUNGUARD_AGENT="):
         runguard.autolog()
-    monkeypatch.setenv("RUNGUARD_AGENT", "triage-bot")
+    monkeypatch.delenv("RUNGUARD_AGENT")
     assert json.loads(cli("config", "--json", RUNGUARD_AGENT="triage-bot").stdout)["settings"]["agent"] == {
         "value": "triage-bot",
         "source": "environment",
