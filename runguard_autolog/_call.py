@@ -312,8 +312,9 @@ def refuse(call: Any, trip: Trip, newly: bool, target: str) -> None:
     hand it to the callable, whose exception (any) stops the call and reaches the caller."""
     policy = call.on_trip
     error = RunGuardTripped.from_trip(trip, shadow=policy != "raise")
-    seconds = retry_after(trip.scope, call.charges)
-    if seconds is not None:  # a windowed scope: it opens again when its window rolls over
+    # a windowed scope opens again when its window rolls over (a store outage: when the store answers)
+    seconds = None if trip.limit == "store_outage" else retry_after(trip.scope, call.charges)
+    if seconds is not None:
         error.details["retry_after"] = seconds
     try:
         RUNTIME.events.refused(error, trip, newly, target, getattr(call, "request", None))

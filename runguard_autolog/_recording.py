@@ -146,26 +146,32 @@ def tripped(trip, scope=None, where=_HERE) -> None:
         )
         if where is _HERE:
             where = active_run_info()
-        if where is None:
-            return
-        run_id, _, uri = where
+        if where is not None:
+            _on_run(trip, where, True)
+    except Exception as error:
+        log_once(("record-trip", type(error).__name__), "runguard: could not record a trip (%s)", error)
+
+
+def _on_run(trip, where, at_trip: bool) -> None:
+    """The trip's tags and ``runguard.tripped`` = 1 on the run ``where`` names (in the background);
+    ``at_trip``: the scope's counters when it tripped too (not for a later run that a circuit
+    already open refused: those counters are another run's)."""
+    run_id, _, uri = where
+    metrics: dict[str, float] = {METRIC_TRIPPED: 1}
+    if at_trip:
         used = trip.used or ZERO
-        metrics = {
-            METRIC_CALLS_AT_TRIP: used[CALLS],
-            METRIC_TOKENS_AT_TRIP: used[TOTAL],
-            METRIC_COST_AT_TRIP: used[COST],
-        }
+        metrics[METRIC_CALLS_AT_TRIP] = used[CALLS]
+        metrics[METRIC_TOKENS_AT_TRIP] = used[TOTAL]
+        metrics[METRIC_COST_AT_TRIP] = used[COST]
         if trip.limit in GATEWAY_LIMITS:
             metrics[METRIC_GATEWAY_REQUESTS] = used[REQUESTS]
             metrics[METRIC_CONSECUTIVE_429S] = trip.consecutive_429s
-        tags = {TAG_TRIPPED: trip.reason, TAG_TRIP_LIMIT: trip.limit, TAG_TRIP_SCOPE: trip.scope}
-        if trip.scope.startswith("shared:"):
-            tags[TAG_SHARED_BUDGET] = trip.scope[len("shared:") :]
-        tags.update(_agent_tag())
-        _note_tripped_run(run_id)
-        _WORKER.submit(lambda: write_run(run_id, uri, metrics, tags))
-    except Exception as error:
-        log_once(("record-trip", type(error).__name__), "runguard: could not record a trip (%s)", error)
+    tags = {TAG_TRIPPED: trip.reason, TAG_TRIP_LIMIT: trip.limit, TAG_TRIP_SCOPE: trip.scope}
+    if trip.scope.startswith("shared:"):
+        tags[TAG_SHARED_BUDGET] = trip.scope[len("shared:") :]
+    tags.update(_agent_tag())
+    _note_tripped_run(run_id)
+    _WORKER.submit(lambda: write_run(run_id, uri, metrics, tags))
 
 
 _spanned_trips: set = set()
@@ -197,6 +203,10 @@ def refused(error, trip, newly: bool, target: str, request=None) -> None:
     try:
         if newly:
             tripped(trip)
+        elif RUNTIME.runs_seen:  # a circuit already open refused a call of a run not yet marked
+            where = active_run_info()
+            if where is not None and where[0] not in _tripped_runs:
+                _on_run(trip, where, False)
         mlflow = _mlflow()
         if mlflow is None:
             return

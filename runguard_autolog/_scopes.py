@@ -182,16 +182,17 @@ def roll(scope: Scope, window: int, now: float) -> None:
 
 def retry_after(scope_name: str, charges: Any) -> float | None:
     """Seconds until the named scope's window rolls over (``None``: not windowed). The scope may
-    be a shared budget's (``shared:<name>``): a session's own, or the process-wide one."""
+    be a shared budget's (``shared:<name>``): the process-wide one (which a session naming the
+    same budget charges with the process's window), or a session's own."""
+    budget = getattr(RUNTIME.store, "budget", None)
+    if budget is not None and budget.scope.name == scope_name:
+        return budget.retry_after()
     for scope, _ in charges:
         if scope.name == scope_name:
             return max(0.0, scope.window_end - time.time()) if scope.current_window() else None
         budget = scope.shared_budget
         if budget is not None and budget.scope.name == scope_name:
             return budget.retry_after()
-    budget = getattr(RUNTIME.store, "budget", None)
-    if budget is not None and budget.scope.name == scope_name:
-        return budget.retry_after()
     return None
 
 

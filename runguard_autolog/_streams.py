@@ -41,6 +41,7 @@ class StreamMeter:
         "chunks",
         "count",
         "done",
+        "fresh",
         "output",
         "pending",
         "tool_calls",
@@ -52,6 +53,7 @@ class StreamMeter:
         self.pending = pending
         self.output = 0
         self.usage: tuple | None = None
+        self.fresh = False  # no text arrived after the reply's usage (else that usage is provisional)
         self.done = False
         self.broken = False
         self.chunks = 0
@@ -116,8 +118,12 @@ class StreamMeter:
             endpoint = self.call.endpoint  # type: ignore[union-attr]
             if self.tool_calls is not None:
                 endpoint.chunk_tool_calls(chunk, self.tool_calls)
-            self.usage = endpoint.chunk_usage(chunk, self.usage)
+            usage = endpoint.chunk_usage(chunk, self.usage)
             text = endpoint.chunk_text(chunk)
+            if usage is not self.usage:
+                self.usage, self.fresh = usage, True
+            elif text:
+                self.fresh = False
             if text:
                 self.output += max(1, self.count(text))
                 if self.checks:
@@ -161,10 +167,10 @@ class StreamMeter:
                 return None
         return None
 
-    def finish(self, complete: bool = False) -> None:
-        """Settle what arrived, exactly once: the reply's own usage when it gave one. A stream
-        that ended early (cut, closed, failed) may have given only a provisional usage (Anthropic's
-        ``message_start`` says 1 output token): what arrived counts then, if it is more."""
+    def finish(self) -> None:
+        """Settle what arrived, exactly once: the reply's own usage when it gave one. Output that
+        arrived after the last usage the reply gave (a stream cut, closed or broken before its
+        final usage; Anthropic's ``message_start`` says 1 output token) counts, if it is more."""
         if self.done:
             return
         self.done = True
@@ -174,7 +180,7 @@ class StreamMeter:
         usage = self.usage
         if usage is None:
             usage = (call.prompt, self.output, 0)
-        elif not complete and self.output > usage[1]:
+        elif not self.fresh and self.output > usage[1]:
             usage = (usage[0], self.output, *usage[2:])
         settle_quietly(call, usage)
         if self.tool_calls:
@@ -232,7 +238,7 @@ class SyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         try:
             chunk = self.__wrapped__.__next__()
         except StopIteration:
-            meter.finish(True)
+            meter.finish()
             raise
         except BaseException:
             stopped = meter.fail()
@@ -288,7 +294,7 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         try:
             chunk = await self.__wrapped__.__anext__()
         except StopAsyncIteration:
-            meter.finish(True)
+            meter.finish()
             raise
         except BaseException:
             stopped = meter.fail()

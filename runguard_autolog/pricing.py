@@ -70,7 +70,8 @@ class Rates:
         ``written`` to one included), ``output_tokens``."""
         flat = self.flat
         if flat is not None and not written:
-            return (input_tokens - cached_tokens) * flat[0] + output_tokens * flat[1] + cached_tokens * flat[2]
+            uncached = max(input_tokens - cached_tokens, 0)  # more cached than input: never a negative cost
+            return uncached * flat[0] + output_tokens * flat[1] + cached_tokens * flat[2]
         uncached = max(input_tokens - cached_tokens - written, 0)
         return (
             uncached * self.input.per_token(input_tokens)

@@ -187,6 +187,27 @@ def test_a_stream_is_cut_mid_flight_when_it_crosses_a_ceiling(server, form, mode
     assert snap.output_tokens == len(received) + 1
 
 
+@pytest.mark.parametrize("form", ["create", "stream"])
+def test_a_stream_left_after_its_final_usage_counts_the_replys_usage(claude, server, form):
+    """Closed, exited or dropped after the final usage arrived (no StopIteration): the reply's usage
+    counts, not runguard's own estimate of the text."""
+    server.default = Reply(content=" ".join(["wordy"] * 30), usage=(10, 30))
+    runguard.autolog()
+    if form == "create":
+        events = ask(claude, stream=True, max_tokens=1000)
+        for event in events:
+            if event.type == "message_delta":  # the final usage: message_stop is still to come
+                break
+        events.close()
+    else:
+        with claude.messages.stream(model=MODEL, max_tokens=1000, messages=MESSAGES) as stream:
+            for event in stream:
+                if event.type == "message_delta":
+                    break
+    snap = runguard.current()
+    assert (snap.calls, snap.output_tokens) == (1, 30)
+
+
 def test_a_stream_closed_early_counts_what_arrived(claude, server):
     server.default = Reply(content=" ".join(["w"] * 300), usage=(10, 300))
     runguard.autolog()

@@ -24,7 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import runguard_autolog as runguard
-from runguard_autolog import _report
+from runguard_autolog import _recording, _report
 from runguard_autolog.testing import Reply
 
 from ._servers import free_port, start_tracking_server
@@ -311,6 +311,30 @@ def test_a_trip_inside_a_run_makes_its_metric_1_whichever_scope_tripped(tracking
     report = json.loads(cli("report", "--json", "--tracking-uri", mlflow.get_tracking_uri()).stdout)
     assert (report["runs"], report["tripped_runs"]) == (2, 1)
     assert [(a["agent"], a["runs"], a["tripped_runs"]) for a in report["by_agent"]] == [("envbot", 2, 1)]
+
+
+def test_shared_budget_trips_mark_the_run_even_when_found_late_or_already_open(tracking, client, server, redis_url,
+                                                                              name):
+    """A shared trip found when the run's last call settles (recorded by the store's writer after
+    the run ended), and a later run whose every call the open circuit refused: both runs say
+    tripped, in their tags and in runguard.tripped."""
+    server.default = Reply(content=" ".join(["w"] * 50))
+    runguard.autolog(store=redis_url, shared_budget=name, shared_max_output_tokens=5, max_calls="none")
+    with mlflow.start_run(run_name="late") as late:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert runguard.flush()  # the settle that trips the budget lands (the writer records the trip)
+    with mlflow.start_run(run_name="refused") as refused:
+        for _ in range(2):
+            with pytest.raises(runguard.RunGuardTripped):
+                client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert runguard.flush()
+    runguard.reset_shared(name)
+    _recording.flush(10)
+    for run, calls in ((late, 1), (refused, 0)):
+        data = mlflow.get_run(run.info.run_id).data
+        assert data.tags.get("runguard.trip_scope") == f"shared:{name}", (run.info.run_name, data)
+        assert data.metrics["runguard.tripped"] == 1 and data.metrics["runguard.calls"] == calls
+    assert server.count() == 1
 
 
 def test_several_experiments_and_the_tracking_uri_from_the_environment(fleet):

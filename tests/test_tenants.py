@@ -210,6 +210,25 @@ def test_a_windowed_tenant_budget_starts_afresh_and_says_when(client, server, re
     assert server.count() == 2
 
 
+def test_retry_after_is_the_windows_only_when_the_window_is_what_refused(client, server, redis_url, name):
+    """No retry_after for a store outage (the store may answer any time), nor for a budget the
+    process charges without a window even when a session names it with one."""
+    runguard.autolog(store="redis://127.0.0.1:1/0", max_calls="none")  # nothing listens there
+    with pytest.raises(runguard.RunGuardTripped) as outage:
+        with runguard.session(shared_budget=f"tenant:{name}", shared_max_calls=100, shared_window="day"):
+            chat(client)
+    assert outage.value.limit == "store_outage" and "retry_after" not in outage.value.details
+    assert _web.retry_after(outage.value) is None
+    runguard.autolog(store=redis_url, shared_budget=name, shared_max_calls=1, max_calls="none")
+    chat(client)
+    with pytest.raises(runguard.RunGuardTripped) as refused:
+        with runguard.session(shared_budget=name, shared_max_calls=1, shared_window=60):
+            chat(client)
+    assert refused.value.scope == f"shared:{name}" and "retry_after" not in refused.value.details
+    assert server.count() == 1
+    runguard.reset_shared(name)
+
+
 @pytest.mark.parametrize("kind", ["asgi", "wsgi"])
 def test_a_windowed_tenant_budget_sends_retry_after(server, redis_url, name, kind):
     runguard.autolog(store=redis_url, max_calls="none")

@@ -134,8 +134,8 @@ def _chat_usage(reply: Reply, prompt: int, completion: int) -> dict:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
-    if reply.cache_read_input_tokens:  # prompt tokens read from OpenAI's prompt cache
-        usage["prompt_tokens_details"] = {"cached_tokens": reply.cache_read_input_tokens}
+    if reply.cache_read_input_tokens:  # prompt tokens read from OpenAI's prompt cache (part of the prompt)
+        usage["prompt_tokens_details"] = {"cached_tokens": min(reply.cache_read_input_tokens, prompt)}
     return usage
 
 
