@@ -920,6 +920,9 @@ class SharedBudget:
         if status == 1:
             return None, lease
         if status == 0:
+            if opened and carried:  # an earlier call's usage, carried here, tripped it: its run shows the trip
+                RUNTIME.events.tripped(self.trip(trip), self.scope, carried[-1][2])
+                return Refusal(self.scope, self.trip(trip), True, False), lease
             return Refusal(self.scope, self.trip(trip), True, bool(opened)), lease
         return Refusal(self.scope, self.trip(trip), bool(sticky), bool(sticky)), lease
 

@@ -313,16 +313,18 @@ def test_a_trip_inside_a_run_makes_its_metric_1_whichever_scope_tripped(tracking
     assert [(a["agent"], a["runs"], a["tripped_runs"]) for a in report["by_agent"]] == [("envbot", 2, 1)]
 
 
+@pytest.mark.parametrize("settled_by", ["writer", "next reserve"])
 def test_shared_budget_trips_mark_the_run_even_when_found_late_or_already_open(tracking, client, server, redis_url,
-                                                                              name):
-    """A shared trip found when the run's last call settles (recorded by the store's writer after
-    the run ended), and a later run whose every call the open circuit refused: both runs say
-    tripped, in their tags and in runguard.tripped."""
+                                                                              name, settled_by):
+    """A shared trip found when the run's last call settles (by the store's writer after the run
+    ended, or carried by the next call's reserve), and a later run whose every call the open
+    circuit refused: both runs say tripped, in their tags and in runguard.tripped."""
     server.default = Reply(content=" ".join(["w"] * 50))
     runguard.autolog(store=redis_url, shared_budget=name, shared_max_output_tokens=5, max_calls="none")
     with mlflow.start_run(run_name="late") as late:
         client.chat.completions.create(model=MODEL, messages=MESSAGES)
-    assert runguard.flush()  # the settle that trips the budget lands (the writer records the trip)
+    if settled_by == "writer":
+        assert runguard.flush()  # the settle that trips the budget lands now, not with the next reserve
     with mlflow.start_run(run_name="refused") as refused:
         for _ in range(2):
             with pytest.raises(runguard.RunGuardTripped):
@@ -334,6 +336,7 @@ def test_shared_budget_trips_mark_the_run_even_when_found_late_or_already_open(t
         data = mlflow.get_run(run.info.run_id).data
         assert data.tags.get("runguard.trip_scope") == f"shared:{name}", (run.info.run_name, data)
         assert data.metrics["runguard.tripped"] == 1 and data.metrics["runguard.calls"] == calls
+    assert mlflow.get_run(late.info.run_id).data.metrics["runguard.calls_at_trip"] == 1  # the run that crossed it
     assert server.count() == 1
 
 
