@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import mlflow
 import pytest
@@ -78,7 +79,9 @@ def scoring_server(request, tmp_path, server, monkeypatch):
 
     monkeypatch.setenv("RG_TEST_FAKE_OPENAI", server.base_url)
     path = str(tmp_path / "agent")
-    mlflow.pyfunc.save_model(path, python_model=MODELS[request.param]())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ChatModel is deprecated, and still served
+        mlflow.pyfunc.save_model(path, python_model=MODELS[request.param]())
     app = scoring_server.init(mlflow.pyfunc.load_model(path))
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
