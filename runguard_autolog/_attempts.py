@@ -210,7 +210,7 @@ def before_retry(call: Call) -> None:
         internal_error("admitting a retry", error)
         return
     if refusal is not None:
-        stop(call, refusal.scope, refusal.trip, refusal.new)
+        stop(call, refusal.scope, refusal.trip, refusal.new, refusal.sticky)
 
 
 async def abefore_retry(call: Call) -> None:
@@ -222,7 +222,7 @@ async def abefore_retry(call: Call) -> None:
         internal_error("admitting a retry", error)
         return
     if refusal is not None:
-        stop(call, refusal.scope, refusal.trip, refusal.new)
+        stop(call, refusal.scope, refusal.trip, refusal.new, refusal.sticky)
 
 
 def judge_raised(call: Call, reader: Reader, error: BaseException) -> None:
@@ -330,11 +330,11 @@ def error_kind(text: str) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def stop(call: Call, scope: Any, trip: Trip, newly: bool) -> None:
+def stop(call: Call, scope: Any, trip: Trip, newly: bool, sticky: bool = True) -> None:
     """Record the trip; then raise it (remembered on the call, for SDKs that wrap it) or, in
     shadow mode, let the attempt go ahead."""
     try:
-        refuse(call, trip, newly=newly, target=call.endpoint.name)
+        refuse(call, trip, newly=newly, target=call.endpoint.name, sticky=sticky)
     except RunGuardTripped as error:
         error.details["attempts"] = call.attempts  # sent before the trip: the message says so
         error.args = (error._message(),)

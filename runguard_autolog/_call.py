@@ -259,7 +259,7 @@ async def admit_shared(call: Call) -> bool:
         return False
     call.refusal = refusal
     if refusal is not None:
-        refuse(call, refusal.trip, refusal.new, call.endpoint.name)
+        refuse(call, refusal.trip, refusal.new, call.endpoint.name, refusal.sticky)
     return True
 
 
@@ -307,7 +307,7 @@ def open_circuit(scope: Any, trip: Trip) -> None:
         RUNTIME.events.tripped(trip, scope)
 
 
-def refuse(call: Any, trip: Trip, newly: bool, target: str) -> None:
+def refuse(call: Any, trip: Trip, newly: bool, target: str, sticky: bool = True) -> None:
     """Record a refusal, then apply the on_trip policy: raise the trip, warn (shadow mode), or
     hand it to the callable, whose exception (any) stops the call and reaches the caller."""
     policy = call.on_trip
@@ -317,7 +317,7 @@ def refuse(call: Any, trip: Trip, newly: bool, target: str) -> None:
     if seconds is not None:
         error.details["retry_after"] = seconds
     try:
-        RUNTIME.events.refused(error, trip, newly, target, getattr(call, "request", None))
+        RUNTIME.events.refused(error, trip, newly, target, getattr(call, "request", None), sticky)
     except Exception as failure:  # recording never replaces the trip
         log_once(
             ("record-refusal", type(failure).__name__),
@@ -361,7 +361,7 @@ def begin(endpoint: Endpoint, instance: Any, args: tuple, kwargs: dict, defer: b
         return None
     refusal = call.refusal
     if refusal is not None:
-        refuse(call, refusal.trip, refusal.new, endpoint.name)
+        refuse(call, refusal.trip, refusal.new, endpoint.name, refusal.sticky)
     return call
 
 

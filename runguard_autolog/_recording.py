@@ -146,7 +146,7 @@ def tripped(trip, scope=None, where=_HERE) -> None:
         )
         if where is _HERE:
             where = active_run_info()
-        if where is not None:
+        if where:  # (False: the trip belongs to no run)
             _on_run(trip, where, True)
     except Exception as error:
         log_once(("record-trip", type(error).__name__), "runguard: could not record a trip (%s)", error)
@@ -197,13 +197,13 @@ def _traced_span(mlflow, request):
     return None if trace_id is None else manager.get_span_from_id(trace_id, span_hex)
 
 
-def refused(error, trip, newly: bool, target: str, request=None) -> None:
+def refused(error, trip, newly: bool, target: str, request=None, sticky: bool = True) -> None:
     """A call was refused (or, in shadow mode, would have been): make it visible once, as an
     event on the call's MLflow span, or, with no span for it, as one error span."""
     try:
         if newly:
             tripped(trip)
-        elif RUNTIME.runs_seen:  # a circuit already open refused a call of a run not yet marked
+        elif sticky and RUNTIME.runs_seen:  # a circuit already open refused a call of a run not yet marked
             where = active_run_info()
             if where is not None and where[0] not in _tripped_runs:
                 _on_run(trip, where, False)
@@ -345,8 +345,8 @@ class Recorder(Events):
     def tripped(self, trip, scope=None, where=_HERE) -> None:
         tripped(trip, scope, _HERE if where is None else where)
 
-    def refused(self, error, trip, newly, target, request=None) -> None:
-        refused(error, trip, newly, target, request)
+    def refused(self, error, trip, newly, target, request=None, sticky=True) -> None:
+        refused(error, trip, newly, target, request, sticky)
 
     def run_info(self):
         return active_run_info() if RUNTIME.runs_seen else None

@@ -34,9 +34,12 @@ class Events:
             trip.scope,
         )
 
-    def refused(self, error: BaseException, trip: Any, newly: bool, target: str, request: Any = None) -> None:
+    def refused(
+        self, error: BaseException, trip: Any, newly: bool, target: str, request: Any = None, sticky: bool = True
+    ) -> None:
         """A call was refused (or, in shadow mode, would have been); ``request``: the call's, when
-        there is one (the recorder finds MLflow's span of the call through it)."""
+        there is one (the recorder finds MLflow's span of the call through it); ``sticky``: the
+        scope's circuit is open (not a call refused for its own forecast or for calls in flight)."""
         if newly:
             self.tripped(trip)
 

@@ -185,7 +185,7 @@ _PRELUDE = _PRELUDE.replace("SETTLED_KEEP_MS", str(SETTLED_KEEP_S * 1000))
 # "<lease>~<usage>;...". Reclaims expired leases, applies the settles, then checks and holds.
 # Returns the window start (an integer) when admitted (the lease is then
 # "<id>|<start>|<index>=<forecast>|..." for each check), else {status, start, lease or false,
-# trip, sticky, opened}: status 0 tripped before (opened: 1 when a carried settle tripped it),
+# trip, sticky, opened}: status 0 tripped before (opened: n when the n-th carried settle tripped it),
 # 2 refused (nothing held), 3 over a limit but held anyway (shadow mode); or {4, start} when
 # KEYS[4] is not the window the store's clock is in (nothing done: sent again with that one).
 _RESERVE = (
@@ -220,20 +220,22 @@ local cfg = window .. '|' .. table.concat(limits, ',')
 if v.cfg ~= cfg then redis.call('HSET', wkey, 'cfg', cfg) end
 local opened = 0
 if ARGV[5] ~= '' then
+  local n = 0
   for member, usage in string.gmatch(ARGV[5], '([^~;]*)~([^~;]*)') do
+    n = n + 1
     if first_settle(member, now) then settle_into(v, dirty, take_lease(member), usage) end
-  end
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - SETTLED_KEEP_MS)
-  if not v.trip then
-    for _, c in ipairs(checks) do
-      if v[c[1] + 1] >= tonumber(c[2]) then
-        v.trip = trip_of(c[1], c[2], v[c[1] + 1], 0, v)
-        redis.call('HSET', wkey, 'trip', v.trip)
-        opened = 1
-        break
+    if not v.trip then
+      for _, c in ipairs(checks) do
+        if v[c[1] + 1] >= tonumber(c[2]) then
+          v.trip = trip_of(c[1], c[2], v[c[1] + 1], 0, v)
+          redis.call('HSET', wkey, 'trip', v.trip)
+          opened = n
+          break
+        end
       end
     end
   end
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - SETTLED_KEEP_MS)
 end
 local status, trip, sticky = 1, false, 0
 if v.trip then
@@ -920,8 +922,8 @@ class SharedBudget:
         if status == 1:
             return None, lease
         if status == 0:
-            if opened and carried:  # an earlier call's usage, carried here, tripped it: its run shows the trip
-                RUNTIME.events.tripped(self.trip(trip), self.scope, carried[-1][2])
+            if opened and 0 < opened <= len(carried):  # an earlier call's usage, carried here, tripped it
+                RUNTIME.events.tripped(self.trip(trip), self.scope, carried[opened - 1][2] or False)  # its run
                 return Refusal(self.scope, self.trip(trip), True, False), lease
             return Refusal(self.scope, self.trip(trip), True, bool(opened)), lease
         return Refusal(self.scope, self.trip(trip), bool(sticky), bool(sticky)), lease

@@ -340,6 +340,44 @@ def test_shared_budget_trips_mark_the_run_even_when_found_late_or_already_open(t
     assert server.count() == 1
 
 
+def test_the_run_whose_usage_tripped_a_shared_budget_carries_the_trip(tracking, client, server, redis_url, name,
+                                                                       monkeypatch):
+    """Settles carried by a later call's reserve: the trip goes to the run of the call whose usage
+    crossed the ceiling, not to the run of the last settle carried, nor to the refused call's."""
+    from runguard_autolog import _shared
+
+    monkeypatch.setattr(_shared, "SETTLE_DELAY_S", 30)  # the next reserve carries what is queued
+    server.default = Reply(content=" ".join(["w"] * 50))
+    runguard.autolog(store=redis_url, shared_budget=name, shared_max_output_tokens=5, max_calls="none")
+    with mlflow.start_run(run_name="crossed") as crossed:
+        stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, max_tokens=2)
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)  # 50 output tokens: over 5
+    with mlflow.start_run(run_name="other") as other:
+        assert len(list(stream)) > 1  # 2 more output tokens, settled after the crossing ones
+        with pytest.raises(runguard.RunGuardTripped):  # its reserve carries both settles: refused
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
+    assert runguard.flush()
+    _recording.flush(10)
+    runguard.reset_shared(name)
+    tags = {run.info.run_name: mlflow.get_run(run.info.run_id).data for run in (crossed, other)}
+    assert tags["crossed"].tags["runguard.trip_scope"] == f"shared:{name}"
+    assert tags["crossed"].metrics["runguard.calls_at_trip"] == 1  # its own call, the one that crossed
+    assert tags["other"].tags["runguard.trip_scope"] == f"shared:{name}"  # refused by the open circuit
+    assert "runguard.calls_at_trip" not in tags["other"].metrics
+    assert server.count() == 2
+
+
+def test_a_call_refused_for_its_own_forecast_leaves_the_run_untripped(tracking, client):
+    runguard.autolog(max_output_tokens=1000, max_calls="none")
+    with mlflow.start_run() as run:
+        with pytest.raises(runguard.RunGuardTripped):
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5000)
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    _recording.flush(10)
+    data = mlflow.get_run(run.info.run_id).data
+    assert data.metrics["runguard.tripped"] == 0 and "runguard.tripped" not in data.tags
+
+
 def test_several_experiments_and_the_tracking_uri_from_the_environment(fleet):
     result = cli("report", "--json", "--experiment", "agents", "--experiment", "nightly", MLFLOW_TRACKING_URI=fleet)
     assert result.returncode == 0, result.stderr
