@@ -423,6 +423,19 @@ def uninstall_signal_handlers() -> None:
         _previous.pop(number, None)
 
 
+def _restore_signal_handlers_in_child() -> None:
+    """A forked child (a multiprocessing pool worker) gets back the handlers its parent had before
+    runguard's: SIGTERM is how a pool stops its workers, at once, and a Python-level handler only
+    runs when the main thread next runs Python, which a worker waiting in C may never do."""
+    try:
+        uninstall_signal_handlers()
+    except Exception:  # never break a fork
+        pass
+
+
+os.register_at_fork(after_in_child=_restore_signal_handlers_in_child)
+
+
 def _on_signal(number: int, frame: Any) -> None:
     previous = _previous.get(number, signal.SIG_DFL)
     try:

@@ -269,6 +269,27 @@ def test_sigterm_in_the_middle_of_a_storm_keeps_every_output_and_ends_the_run_ki
     assert_every_text_kept(run_id, tmp_path, texts)
 
 
+def _sigterm_handler_is_the_default() -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_forked_child_gets_its_parents_own_sigterm_handler_back():
+    """A pool stops its forked workers with SIGTERM: in them the default action, at once, not
+    runguard's Python-level handler (which waits for the worker's main thread to run Python)."""
+    import multiprocessing
+    import signal
+
+    runguard.autolog()
+    assert signal.getsignal(signal.SIGTERM) is _artifacts._on_signal  # installed in this process
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_sigterm_handler_is_the_default) is True
+    assert signal.getsignal(signal.SIGTERM) is _artifacts._on_signal  # and kept here
+    runguard.autolog(disable=True)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_a_path_mlflow_refuses_is_refused_past_the_budget_too(tracking, tmp_path):
     runguard.autolog(max_artifact_writes=1)
     payload = tmp_path / "payload.bin"
