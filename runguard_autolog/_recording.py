@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from ._counters import CALLS, COST, INPUT, OUTPUT, REQUESTS, TOTAL, ZERO
-from ._runtime import RUNTIME, Events, log_once, logger
+from ._runtime import RUNTIME, Events, log_once, log_trip
 from ._scopes import innermost
 
 TAG_TRIPPED = "runguard.tripped"
@@ -139,11 +139,7 @@ def tripped(trip, scope=None, where=_HERE) -> None:
     """A scope's circuit just opened: one log line and the run's tags/metrics (in the background),
     on this thread's active run (or the run ``where`` names, for trips found off the call's thread)."""
     try:
-        logger.warning(
-            "runguard: %s in scope %s; further calls there are refused until reset (in a windowed scope: until its window rolls over)",
-            trip.reason,
-            trip.scope,
-        )
+        log_trip(trip)
         if where is _HERE:
             where = active_run_info()
         if where:  # (False: the trip belongs to no run)

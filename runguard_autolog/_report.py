@@ -4,10 +4,11 @@
 ``mlflow server`` over HTTP) with ``search_runs``, page by page, and folds each page into
 running totals, so memory holds the totals and one page, not every run (an experiment may hold
 100,000 runs). The totals grow with the agents: runs without an agent tag are grouped by run
-name, and MLflow's generated names are unique, so name the agent (``autolog(agent=…)``). Run artifacts are never read. A run counts when runguard recorded it: it made a
-guarded call (the run-end metric ``runguard.tripped``, 0 or 1) or it tripped (the tag
-``runguard.tripped``). Per run it reads the tags ``runguard.trip_limit`` and ``runguard.agent``
-and the metrics ``runguard.calls_at_trip``, ``runguard.calls`` and ``runguard.cost_usd``.
+name, and MLflow's generated names are unique, so name the agent (``autolog(agent=…)``). Run
+artifacts are never read. A run counts when runguard recorded it: it made a guarded call (the
+run-end metric ``runguard.tripped``, 0 or 1) or it tripped (the tag ``runguard.tripped``). Per
+run it reads the tags ``runguard.trip_limit`` and ``runguard.agent`` and the metrics
+``runguard.calls_at_trip``, ``runguard.calls`` and ``runguard.cost_usd``.
 
 Percentiles of calls at trip are nearest-rank (p50 of 1, 2, 3, 10 is 2): always a value some
 run had. Days are UTC days of the run's start time.

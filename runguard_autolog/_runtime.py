@@ -21,6 +21,16 @@ from ._config import LIMITS, Setting, resolve
 logger = logging.getLogger("runguard_autolog")
 
 
+def log_trip(trip: Any) -> None:
+    """The one log line of a scope's circuit opening."""
+    logger.warning(
+        "runguard: %s in scope %s; further calls there are refused until reset (in a windowed scope: until its "
+        "window rolls over)",
+        trip.reason,
+        trip.scope,
+    )
+
+
 class Events:
     """Where trips and refusals go. The default only logs; the recorder (``_recording``)
     replaces it with one that also writes MLflow. Implementations never raise."""
@@ -28,11 +38,7 @@ class Events:
     def tripped(self, trip: Any, scope: Any = None, where: Any = None) -> None:
         """A scope's circuit just opened (``where``: the MLflow run to record it on, when the
         trip was found off the call's thread)."""
-        logger.warning(
-            "runguard: %s in scope %s; further calls there are refused until reset (in a windowed scope: until its window rolls over)",
-            trip.reason,
-            trip.scope,
-        )
+        log_trip(trip)
 
     def refused(
         self, error: BaseException, trip: Any, newly: bool, target: str, request: Any = None, sticky: bool = True

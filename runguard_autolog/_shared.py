@@ -922,10 +922,11 @@ class SharedBudget:
         if status == 1:
             return None, lease
         if status == 0:
+            tripped = self.trip(trip)
             if opened and 0 < opened <= len(carried):  # an earlier call's usage, carried here, tripped it
-                RUNTIME.events.tripped(self.trip(trip), self.scope, carried[opened - 1][2] or False)  # its run
-                return Refusal(self.scope, self.trip(trip), True, False), lease
-            return Refusal(self.scope, self.trip(trip), True, bool(opened)), lease
+                RUNTIME.events.tripped(tripped, self.scope, carried[opened - 1][2] or False)  # on its run
+                return Refusal(self.scope, tripped, True, False), lease
+            return Refusal(self.scope, tripped, True, bool(opened)), lease
         return Refusal(self.scope, self.trip(trip), bool(sticky), bool(sticky)), lease
 
     def settle(self, lease: Lease, actual: tuple, where: Any = None) -> None:

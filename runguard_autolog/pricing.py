@@ -70,7 +70,8 @@ class Rates:
         ``written`` to one included), ``output_tokens``."""
         flat = self.flat
         if flat is not None and not written:
-            uncached = max(input_tokens - cached_tokens, 0)  # more cached than input: never a negative cost
+            # more cached than input tokens (a malformed reply) never makes a negative cost
+            uncached = input_tokens - cached_tokens if input_tokens > cached_tokens else 0
             return uncached * flat[0] + output_tokens * flat[1] + cached_tokens * flat[2]
         uncached = max(input_tokens - cached_tokens - written, 0)
         return (

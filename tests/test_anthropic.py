@@ -131,11 +131,14 @@ def test_streams_settle_their_usage_in_both_forms(claude, server):
     assert (snap.calls, snap.input_tokens, snap.output_tokens) == (2, 100, 8)
 
 
+# the request caps output at 50 tokens, which a proxy ignoring it (the body's 1000) overruns
+OVERRUN = {"model": MODEL, "max_tokens": 50, "messages": MESSAGES, "extra_body": {"max_tokens": 1000}}
+
+
 def _read_stream(client, form: str, received: list[str]) -> None:
     """Read a stream of text deltas in one of the two forms (``create(stream=True)`` events or the
     ``messages.stream`` helper) into ``received`` as they arrive (what arrived before a cut stays)."""
-    # the request caps output at 50 tokens, which a proxy ignoring it (the body's 1000) overruns
-    request = {"model": MODEL, "max_tokens": 50, "messages": MESSAGES, "extra_body": {"max_tokens": 1000}}
+    request = OVERRUN
     if form == "create":
         for event in client.messages.create(stream=True, **request):
             if event.type == "content_block_delta":
@@ -147,7 +150,7 @@ def _read_stream(client, form: str, received: list[str]) -> None:
 
 
 async def _aread_stream(client, form: str, received: list[str]) -> None:
-    request = {"model": MODEL, "max_tokens": 50, "messages": MESSAGES, "extra_body": {"max_tokens": 1000}}
+    request = OVERRUN
     if form == "create":
         async for event in await client.messages.create(stream=True, **request):
             if event.type == "content_block_delta":
