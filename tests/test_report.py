@@ -340,13 +340,25 @@ def test_shared_budget_trips_mark_the_run_even_when_found_late_or_already_open(t
     assert server.count() == 1
 
 
+def _shared_writer_stopped() -> None:
+    import threading
+
+    from runguard_autolog import _runtime
+
+    _runtime.RUNTIME.store.client.close()
+    for thread in threading.enumerate():
+        if thread.name == "runguard-shared-budget":
+            thread.join(5)
+            assert not thread.is_alive()
+
+
 def test_the_run_whose_usage_tripped_a_shared_budget_carries_the_trip(tracking, client, server, redis_url, name,
                                                                        monkeypatch):
     """Settles carried by a later call's reserve: the trip goes to the run of the call whose usage
     crossed the ceiling, not to the run of the last settle carried, nor to the refused call's."""
     from runguard_autolog import _shared
 
-    monkeypatch.setattr(_shared, "SETTLE_DELAY_S", 30)  # the next reserve carries what is queued
+    monkeypatch.setattr(_shared, "SETTLE_DELAY_S", 1.0)  # the next reserve carries what is queued
     server.default = Reply(content=" ".join(["w"] * 50))
     runguard.autolog(store=redis_url, shared_budget=name, shared_max_output_tokens=5, max_calls="none")
     with mlflow.start_run(run_name="crossed") as crossed:
@@ -359,6 +371,7 @@ def test_the_run_whose_usage_tripped_a_shared_budget_carries_the_trip(tracking, 
     assert runguard.flush()
     _recording.flush(10)
     runguard.reset_shared(name)
+    _shared_writer_stopped()  # its 1 s sleep would outlive the test
     tags = {run.info.run_name: mlflow.get_run(run.info.run_id).data for run in (crossed, other)}
     assert tags["crossed"].tags["runguard.trip_scope"] == f"shared:{name}"
     assert tags["crossed"].metrics["runguard.calls_at_trip"] == 1  # its own call, the one that crossed
